@@ -1,0 +1,1 @@
+"""Built-in dataset recipes: one file each, registered with ``@register_dataset``."""

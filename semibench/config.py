@@ -1,0 +1,122 @@
+"""Workflow config loading and the per-run config.
+
+The workflow config (``config/config.yaml``, validated by ``config/schema.json``) is the single
+source of defaults besides each method's hyperparameter dataclass. One training run sees a
+:class:`RunConfig`: the ``train`` section plus the run's coordinates and its method's overrides.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import ConfigError
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.json"
+
+
+def deep_merge(base: Mapping, override: Mapping) -> dict:
+    """Recursive dict update, the way Snakemake merges ``--configfile`` over the defaults."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_workflow_config(paths: list[str | Path]) -> dict:
+    """Read and deep-merge YAML/JSON config files in order."""
+    cfg: dict = {}
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise ConfigError(f"config file {p} not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config file {p} must hold a mapping")
+        cfg = deep_merge(cfg, data)
+    return cfg
+
+
+@dataclass
+class TrainConfig:
+    """Defaults are the paper's (Sec. 4.1) unless a comment says otherwise."""
+
+    backbone: str = "densenet161"
+    weights: str = "imagenet"  # "imagenet" (torchvision cache or download), "none", or a .pth path
+    input_size: int = 320
+    batch_labeled: int = 8
+    batch_unlabeled: int = 8
+    epochs: int = 80
+    lr: float = 1e-4
+    poly_power: float = 0.9
+    unsup_start_epoch: int = 5  # 0-based: unsupervised losses from the 6th epoch on
+    ema_alpha: float = 0.999
+    amp: bool = True  # CUDA only
+    num_workers: int = 4
+    iters_per_epoch: int | None = None  # None: one pass over the unlabeled set
+    eval_batch_size: int = 8
+    deterministic: bool = True
+
+
+@dataclass
+class RunConfig:
+    dataset: str
+    method: str
+    ratio: int
+    seed: int
+    data_dir: str = "data"
+    splits_dir: str = "results/splits"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method_params: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_workflow(cls, cfg: Mapping, dataset: str, method: str, ratio: int, seed: int,
+                      device: str = "auto") -> "RunConfig":
+        train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+        train_cfg = dict(cfg.get("train", {}))
+        unknown = sorted(set(train_cfg) - train_keys)
+        if unknown:
+            raise ConfigError(f"unknown train option(s): {', '.join(unknown)}; known: {', '.join(sorted(train_keys))}")
+        params = dict((cfg.get("method_params") or {}).get(method, {}) or {})
+        return cls(dataset=dataset, method=method, ratio=int(ratio), seed=int(seed),
+                   data_dir=str(cfg.get("data_dir", "data")),
+                   splits_dir=str(cfg.get("splits_dir", "results/splits")), device=device,
+                   train=TrainConfig(**train_cfg), method_params=params)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "RunConfig":
+        d = dict(d)
+        d["train"] = TrainConfig(**d.get("train", {}))
+        return cls(**d)
+
+    def fingerprint_items(self) -> dict:
+        """The keys that must match for a checkpoint to be resumed (device may differ)."""
+        d = self.to_dict()
+        d.pop("device")
+        flat: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+            else:
+                flat[k] = v
+        return flat
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.fingerprint_items(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
