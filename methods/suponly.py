@@ -1,0 +1,40 @@
+"""SupOnly: the lower bound of every table — the segmenter trained on the labeled images alone
+with pixel-wise cross-entropy (the paper's L_sup); the unlabeled images are never loaded."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from semibench.method import Batch, Method, MethodContext, StepInfo
+from semibench.registry import register_method
+
+
+@dataclass
+class SupOnlyHparams:
+    """No hyperparameters: the optimiser and schedule are the engine's (paper Sec. 4.1)."""
+
+
+def supervised_loss(student: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Pixel-wise cross-entropy of the student on the labeled batch (float32 under AMP)."""
+    logits = student(batch.labeled_image, project=False).logits
+    return F.cross_entropy(logits.float(), batch.labeled_mask)
+
+
+@register_method("suponly")
+class SupOnly(Method):
+    name: ClassVar[str] = "suponly"
+    Hparams: ClassVar[type] = SupOnlyHparams
+    unlabeled_views: ClassVar[str | None] = None  # labeled data only
+
+    def __init__(self, ctx: MethodContext, hp: SupOnlyHparams | None = None):
+        super().__init__()
+        self.hp = hp if hp is not None else self.Hparams()
+        self.student = ctx.build_segmenter()
+        ctx.add_optimizer(self.student.parameters())
+
+    def training_step(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
+        L_sup = supervised_loss(self.student, batch)
+        return {"loss": L_sup, "L_sup": L_sup.detach()}
