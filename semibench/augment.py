@@ -1,0 +1,298 @@
+"""The paper's six training augmentations (Sec. 4.1: random flip, random crop, rotation in
+[-15°, 15°], Gaussian blur, colour jitter, greyscale) on batched tensors.
+
+Every random number is drawn on the CPU from an explicit ``torch.Generator`` in a fixed order
+(all parameters are drawn whether or not a transform fires), so the same generator seed gives the
+same views on any machine and device; the tensor work itself runs on the batch's device.
+
+- *Geometric* (flip, crop, rotation) is one affine warp per sample: flips, then rotation about the
+  crop centre, then a crop of side ``s`` (fraction of the image) resized back to the input size.
+  Images are sampled bilinearly, masks with nearest neighbour, both through the same grid, with
+  reflection padding (the corners a rotation uncovers mirror the tissue rather than go black).
+- *Photometric* (colour jitter → greyscale → Gaussian blur, SimCLR's order) changes pixel values
+  only, so a photometric view stays pixel-aligned with its geometric source.
+
+Inputs are uint8 (B, 3, H, W) images and (B, H, W) masks; outputs are float images normalised
+with ImageNet statistics (as :func:`semibench.data.preprocess`) and long masks.
+
+Unlabeled *view kinds* are built by name (:data:`VIEW_KINDS`, :func:`make_views`); a method names
+the kind it wants in ``Method.unlabeled_views``:
+
+- ``"single"``: ``{"image"}``, the labeled pipeline's augmentation;
+- ``"weak_strong"``: ``{"weak", "strong"}``, the same geometric warp, ``strong`` adds photometric
+  changes: the two are pixel-aligned;
+- ``"two_crops"``: ``{"crop1", "crop2", "box1", "box2"}``, two overlapping square crops of
+  ``two_crop_px`` pixels (a shared random flip, independent photometric changes, no resizing) and
+  the overlap in each crop's pixel coordinates as (top, left, bottom, right), bottom/right
+  exclusive: ``crop1[..., t1:b1, l1:r1]`` and ``crop2[..., t2:b2, l2:r2]`` show the same pixels
+  before photometric changes.
+
+The paper gives no magnitudes; the defaults in :class:`AugmentConfig` are our choice (SimCLR's
+colour strengths, a mild crop) and are documented there.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .data import IMAGENET_MEAN, IMAGENET_STD
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    hflip_p: float = 0.5
+    vflip_p: float = 0.5  # nuclei have no up/down: vertical flips are as valid as horizontal ones
+    crop_scale: tuple[float, float] = (0.7, 1.0)  # side of the random crop / image side
+    rotation_deg: float = 15.0  # paper: rotation in [-15°, 15°]
+    jitter_p: float = 0.8
+    brightness: float = 0.4  # factor in [1 - b, 1 + b]
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1  # fraction of a full turn of the chroma plane, in [-h, h]
+    grey_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # pixels
+    labeled_photometric: bool = True  # labeled images get all six augmentations
+    two_crop_frac: float = 0.7  # crop side / image side, rounded down to a multiple of 32
+    two_crop_min_overlap: float = 0.3  # minimal overlap per axis, as a fraction of the crop side
+
+
+# ---------------------------------------------------------------------------- geometric
+
+def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
+
+
+def sample_affine(n: int, gen: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """(n, 2, 3) float64 ``affine_grid`` matrices mapping output to input coordinates in [-1, 1]:
+    ``input = c + s * R(angle) * Flip * output``."""
+    hflip = torch.rand(n, generator=gen, dtype=torch.float64) < cfg.hflip_p
+    vflip = torch.rand(n, generator=gen, dtype=torch.float64) < cfg.vflip_p
+    scale = _uniform(gen, n, *cfg.crop_scale)
+    # the crop centre may move as far as keeps the (unrotated) crop inside the image
+    cx = _uniform(gen, n, -1.0, 1.0) * (1.0 - scale)
+    cy = _uniform(gen, n, -1.0, 1.0) * (1.0 - scale)
+    angle = _uniform(gen, n, -cfg.rotation_deg, cfg.rotation_deg) * (math.pi / 180.0)
+    fx = torch.where(hflip, -1.0, 1.0).double()
+    fy = torch.where(vflip, -1.0, 1.0).double()
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.zeros(n, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0] = scale * cos * fx
+    theta[:, 0, 1] = -scale * sin * fy
+    theta[:, 1, 0] = scale * sin * fx
+    theta[:, 1, 1] = scale * cos * fy
+    theta[:, 0, 2] = cx
+    theta[:, 1, 2] = cy
+    return theta
+
+
+def warp(images: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Apply per-sample affine matrices to a float (B, C, H, W) batch."""
+    grid = F.affine_grid(theta.to(device=images.device, dtype=images.dtype), list(images.shape),
+                         align_corners=False)
+    return F.grid_sample(images, grid, mode=mode, padding_mode="reflection", align_corners=False)
+
+
+# ---------------------------------------------------------------------------- photometric
+
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    w = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+def _hue_matrices(turns: torch.Tensor) -> torch.Tensor:
+    """(n, 3, 3) RGB→RGB hue rotations: rotate the chroma plane (I, Q) of YIQ by ``turns``."""
+    rgb2yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                           dtype=torch.float64)
+    yiq2rgb = torch.linalg.inv(rgb2yiq)
+    a = turns.double() * 2 * math.pi
+    rot = torch.zeros(len(a), 3, 3, dtype=torch.float64)
+    rot[:, 0, 0] = 1.0
+    rot[:, 1, 1], rot[:, 1, 2] = torch.cos(a), -torch.sin(a)
+    rot[:, 2, 1], rot[:, 2, 2] = torch.sin(a), torch.cos(a)
+    return yiq2rgb @ rot @ rgb2yiq
+
+
+@dataclass
+class PhotometricParams:
+    jitter: torch.Tensor  # (n,) bool
+    brightness: torch.Tensor  # (n,) factors
+    contrast: torch.Tensor
+    saturation: torch.Tensor
+    hue: torch.Tensor  # (n,) turns
+    grey: torch.Tensor  # (n,) bool
+    blur: torch.Tensor  # (n,) bool
+    sigma: torch.Tensor  # (n,) pixels
+
+
+def sample_photometric(n: int, gen: torch.Generator, cfg: AugmentConfig) -> PhotometricParams:
+    u = lambda: torch.rand(n, generator=gen, dtype=torch.float64)  # noqa: E731
+    return PhotometricParams(
+        jitter=u() < cfg.jitter_p,
+        brightness=_uniform(gen, n, 1 - cfg.brightness, 1 + cfg.brightness),
+        contrast=_uniform(gen, n, 1 - cfg.contrast, 1 + cfg.contrast),
+        saturation=_uniform(gen, n, 1 - cfg.saturation, 1 + cfg.saturation),
+        hue=_uniform(gen, n, -cfg.hue, cfg.hue),
+        grey=u() < cfg.grey_p,
+        blur=u() < cfg.blur_p,
+        sigma=_uniform(gen, n, *cfg.blur_sigma),
+    )
+
+
+def gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """(n, 2 radius + 1) normalised 1-D Gaussian kernels, one per sigma."""
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x[None] / sigma.double()[:, None]) ** 2)
+    return k / k.sum(1, keepdim=True)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Separable per-sample Gaussian blur of a (B, C, H, W) batch, reflect padding."""
+    b, c, h, w = x.shape
+    k = gaussian_kernels(sigma, radius).to(device=x.device, dtype=x.dtype)
+    k = k.repeat_interleave(c, dim=0)  # one kernel per (sample, channel) group
+    y = x.reshape(1, b * c, h, w)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k.view(b * c, 1, 1, -1), groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k.view(b * c, 1, -1, 1), groups=b * c)
+    return y.reshape(b, c, h, w)
+
+
+def photometric(x: torch.Tensor, p: PhotometricParams, cfg: AugmentConfig) -> torch.Tensor:
+    """Colour jitter (brightness, contrast, saturation, hue; fixed order), greyscale, blur on
+    float images in [0, 1]; each step clamps to [0, 1]."""
+    dev, dt = x.device, x.dtype
+    col = lambda t: t.to(device=dev, dtype=dt).view(-1, 1, 1, 1)  # noqa: E731
+    jit = p.jitter.to(dev).view(-1, 1, 1, 1)
+    y = (x * col(p.brightness)).clamp(0, 1)
+    mean = _grey(y).mean(dim=(2, 3), keepdim=True)
+    y = ((y - mean) * col(p.contrast) + mean).clamp(0, 1)
+    g = _grey(y)
+    y = ((y - g) * col(p.saturation) + g).clamp(0, 1)
+    m = _hue_matrices(p.hue).to(device=dev, dtype=dt)
+    y = torch.einsum("bij,bjhw->bihw", m, y).clamp(0, 1)
+    x = torch.where(jit, y, x)
+    x = torch.where(p.grey.to(dev).view(-1, 1, 1, 1), _grey(x).expand_as(x), x)
+    radius = max(1, math.ceil(3 * cfg.blur_sigma[1]))
+    radius = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)  # reflect padding needs pad < size
+    if bool(p.blur.any()):
+        x = torch.where(p.blur.to(dev).view(-1, 1, 1, 1), gaussian_blur(x, p.sigma, radius), x)
+    return x
+
+
+# ---------------------------------------------------------------------------- pipelines
+
+def to_float(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.float().div_(255.0)
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def augment_labeled(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator,
+                    cfg: AugmentConfig = AugmentConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (B, 3, H, W) and masks (B, H, W) → normalised images, long masks; the
+    geometric warp is the same for an image and its mask."""
+    n = images.shape[0]
+    theta = sample_affine(n, gen, cfg)
+    pp = sample_photometric(n, gen, cfg)
+    x = warp(to_float(images), theta, "bilinear")
+    y = warp(masks[:, None].float(), theta, "nearest")[:, 0].round().long()
+    if cfg.labeled_photometric:
+        x = photometric(x, pp, cfg)
+    return normalise(x), y
+
+
+def _single(images: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> dict[str, torch.Tensor]:
+    n = images.shape[0]
+    theta = sample_affine(n, gen, cfg)
+    pp = sample_photometric(n, gen, cfg)
+    x = warp(to_float(images), theta)
+    if cfg.labeled_photometric:
+        x = photometric(x, pp, cfg)
+    return {"image": normalise(x)}
+
+
+def _weak_strong(images: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> dict[str, torch.Tensor]:
+    n = images.shape[0]
+    theta = sample_affine(n, gen, cfg)
+    pp = sample_photometric(n, gen, cfg)
+    weak = warp(to_float(images), theta)
+    strong = photometric(weak, pp, cfg)
+    return {"weak": normalise(weak), "strong": normalise(strong)}
+
+
+def two_crop_size(size: int, cfg: AugmentConfig) -> int:
+    """Crop side: a multiple of 32 (the encoder's total stride) no larger than the image."""
+    c = int(size * cfg.two_crop_frac) // 32 * 32
+    return max(min(c, size), min(32, size))
+
+
+def _randint(gen: torch.Generator, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Per-element uniform integers in [lo, hi] (inclusive)."""
+    u = torch.rand(len(lo), generator=gen, dtype=torch.float64)
+    return torch.minimum(lo + (u * (hi - lo + 1).double()).floor().long(), hi)
+
+
+def _two_crops(images: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> dict[str, torch.Tensor]:
+    n, _, h, w = images.shape
+    if h != w:
+        raise ConfigError(f"two_crops expects square images, got {h}x{w}")
+    c = two_crop_size(h, cfg)
+    shift = c - max(1, math.ceil(cfg.two_crop_min_overlap * c))  # largest offset between crops
+    hflip = torch.rand(n, generator=gen, dtype=torch.float64) < cfg.hflip_p
+    vflip = torch.rand(n, generator=gen, dtype=torch.float64) < cfg.vflip_p
+    zero, top = torch.zeros(n, dtype=torch.long), torch.full((n,), h - c, dtype=torch.long)
+    y1, x1 = _randint(gen, zero, top), _randint(gen, zero, top)
+    y2 = _randint(gen, (y1 - shift).clamp(min=0), (y1 + shift).clamp(max=h - c))
+    x2 = _randint(gen, (x1 - shift).clamp(min=0), (x1 + shift).clamp(max=h - c))
+    p1, p2 = sample_photometric(n, gen, cfg), sample_photometric(n, gen, cfg)
+    x = to_float(images)
+    dev = x.device
+    x = torch.where(hflip.to(dev).view(-1, 1, 1, 1), x.flip(-1), x)
+    x = torch.where(vflip.to(dev).view(-1, 1, 1, 1), x.flip(-2), x)
+    crop1 = torch.stack([x[i, :, y1[i]:y1[i] + c, x1[i]:x1[i] + c] for i in range(n)])
+    crop2 = torch.stack([x[i, :, y2[i]:y2[i] + c, x2[i]:x2[i] + c] for i in range(n)])
+    # overlap in image coordinates, then in each crop's coordinates
+    ot, ol = torch.maximum(y1, y2), torch.maximum(x1, x2)
+    ob, orr = torch.minimum(y1, y2) + c, torch.minimum(x1, x2) + c
+    box1 = torch.stack([ot - y1, ol - x1, ob - y1, orr - x1], 1)
+    box2 = torch.stack([ot - y2, ol - x2, ob - y2, orr - x2], 1)
+    return {"crop1": normalise(photometric(crop1, p1, cfg)), "crop2": normalise(photometric(crop2, p2, cfg)),
+            "box1": box1.to(dev), "box2": box2.to(dev)}
+
+
+ViewBuilder = Callable[[torch.Tensor, torch.Generator, AugmentConfig], dict[str, torch.Tensor]]
+VIEW_KINDS: dict[str, ViewBuilder] = {
+    "single": _single,
+    "weak_strong": _weak_strong,
+    "two_crops": _two_crops,
+}
+
+
+def register_view_kind(name: str) -> Callable[[ViewBuilder], ViewBuilder]:
+    """Add a view kind (for a future method whose views none of the above fits)."""
+    def decorator(fn: ViewBuilder) -> ViewBuilder:
+        if name in VIEW_KINDS and VIEW_KINDS[name] is not fn:
+            raise ConfigError(f"view kind {name!r} is registered twice")
+        VIEW_KINDS[name] = fn
+        return fn
+    return decorator
+
+
+def make_views(kind: str, images: torch.Tensor, gen: torch.Generator,
+               cfg: AugmentConfig = AugmentConfig()) -> dict[str, torch.Tensor]:
+    """The unlabeled views of ``kind`` for a uint8 (B, 3, H, W) batch."""
+    if kind not in VIEW_KINDS:
+        raise ConfigError(f"unknown unlabeled view kind {kind!r}; known: {', '.join(sorted(VIEW_KINDS))}")
+    return VIEW_KINDS[kind](images, gen, cfg)

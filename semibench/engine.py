@@ -1,0 +1,520 @@
+"""The one training loop every method runs in (paper Sec. 4.1: Adam, poly LR, EMA teacher, AMP).
+
+``train(cfg, out_dir)`` writes into ``out_dir``:
+
+- ``config.json``: the run config (``RunConfig.to_dict()``);
+- ``train.jsonl``: one JSON line per logging interval (``"event": "train"``) and per epoch
+  (``"event": "epoch"``, with the validation dice); losses, lr, img/s, peak memory (MB; CUDA
+  ``max_memory_allocated``, or the process's peak RSS on the CPU);
+- ``checkpoint.pt`` after every epoch: method state (students *and* teachers), every optimiser,
+  the AMP scaler, the epoch, the best so far and the config fingerprint. A later ``train`` on the
+  same directory resumes from it, and refuses when the config differs (naming the keys);
+- ``best.pt``: ``{"model": inference model state_dict, "epoch", "val_dice", "config"}`` of the
+  epoch with the highest validation dice (the first such epoch on ties);
+- ``train_done.json`` last: metadata (versions, device, weights, timings, best epoch).
+
+Epochs are 0-based everywhere in files (``StepInfo.epoch`` too). Every file is written to a
+temporary sibling and renamed, so none is ever partial.
+
+Reproducibility: the data order and augmentation seeds of a step are functions of (seed, epoch,
+iteration) (:class:`semibench.data.BatchSchedule`), and the global RNGs (dropout, a method's own
+sampling) are re-seeded from (seed, epoch) at the start of each epoch. A run resumed after
+epoch k therefore replays epochs k+1.. exactly as an uninterrupted run: bit for bit on the CPU,
+where deterministic algorithms are enforced. A method whose state must survive a resume (a
+feature bank, a counter) must keep it in its ``state_dict`` (buffers or ``get_extra_state``).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import platform
+import random
+import resource
+import sys
+import time
+import uuid
+import warnings
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import semibench
+
+from .augment import AugmentConfig, augment_labeled, make_views, normalise, to_float
+from .config import RunConfig
+from .data import (BatchSchedule, ImageSet, TrainData, derive_seed, iterations_per_epoch,
+                   load_train_data, make_generator)
+from .device import device_name, resolve_device
+from .ema import ema_update, make_teacher
+from .errors import ConfigError, TrainingError
+from .method import Batch, Method, MethodContext, StepInfo, make_hparams
+from .metrics import confusion, scores
+from .registry import METHODS
+from .schedules import poly_lr
+
+LOG_EVERY = 25  # iterations between "train" lines in train.jsonl
+CHECKPOINT_FORMAT = 1
+STREAM_INIT, STREAM_EPOCH, STREAM_AUG = 11, 12, 13  # random streams (see data.STREAM_*)
+
+
+# ---------------------------------------------------------------------------- small helpers
+
+def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    _atomic_write_bytes(path, lambda p: p.write_text(json.dumps(obj, indent=1, default=str) + "\n"))
+
+
+def torch_save_atomic(path: Path, obj) -> None:
+    _atomic_write_bytes(path, lambda p: torch.save(obj, p))
+
+
+def versions() -> dict[str, str]:
+    import torchvision
+    v = {"python": platform.python_version(), "torch": torch.__version__,
+         "torchvision": torchvision.__version__, "numpy": np.__version__,
+         "semibench": semibench.__version__}
+    if torch.cuda.is_available():
+        v["cuda"] = str(torch.version.cuda)
+        v["cudnn"] = str(torch.backends.cudnn.version())
+    return v
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also every CUDA device
+
+
+@contextmanager
+def determinism(enabled: bool, device: torch.device) -> Iterator[None]:
+    """Deterministic kernels for the duration of a run, then the previous global settings.
+    On the CPU ``torch.use_deterministic_algorithms`` is enforced; on CUDA only cuDNN's
+    deterministic mode (several CUDA backward kernels, e.g. bilinear upsampling, have no
+    deterministic variant, and forcing them would fail the run)."""
+    prev = (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        if device.type == "cpu":
+            torch.use_deterministic_algorithms(enabled)
+        else:
+            torch.backends.cudnn.deterministic = enabled
+            torch.backends.cudnn.benchmark = not enabled
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[2], prev[3]
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """``key (saved → current)`` for every fingerprint key whose value differs."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            out.append(f"{key} ({a!r} → {b!r})")
+    return out
+
+
+def _check_same_config(saved_items: dict, cfg: RunConfig, path: Path) -> None:
+    diff = config_differences(saved_items, cfg.fingerprint_items())
+    if diff:
+        raise TrainingError(f"{path} was written under another config; differing keys: "
+                            f"{', '.join(diff)}. Use the original config, or delete {path.parent} "
+                            f"to start this run over")
+
+
+def _read_saved_config(path: Path, key: str | None) -> dict | None:
+    """Fingerprint items of the config stored in a JSON file (under ``key``), or None."""
+    try:
+        d = json.loads(path.read_text())
+        d = d.get(key) if key else d
+        return RunConfig.from_dict(d).fingerprint_items() if isinstance(d, dict) else None
+    except (OSError, json.JSONDecodeError, TypeError):
+        return None
+
+
+def make_segmenter(cfg: RunConfig) -> nn.Module:
+    """A fresh DenseUNet from the run's model config."""
+    from .model import build_model
+    return build_model(cfg.train.backbone, cfg.train.weights)
+
+
+# ---------------------------------------------------------------------------- method context
+
+class EngineContext(MethodContext):
+    """What a method gets while it is built: segmenters, EMA teachers and optimisers that the
+    engine then schedules, steps and checkpoints."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.segmenters: list[nn.Module] = []
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.emas: list[tuple[nn.Module, nn.Module, float]] = []  # (student, teacher, alpha)
+
+    def build_segmenter(self) -> nn.Module:
+        net = make_segmenter(self.cfg).to(self.device)
+        self.segmenters.append(net)
+        return net
+
+    def ema_of(self, module: nn.Module, alpha: float | None = None) -> nn.Module:
+        """A frozen, always-eval copy of ``module``, updated after every optimiser step with
+        ``alpha`` (default: the run's ``train.ema_alpha``)."""
+        teacher = make_teacher(module)
+        self.emas.append((module, teacher, self.cfg.train.ema_alpha if alpha is None else float(alpha)))
+        return teacher
+
+    def add_optimizer(self, params) -> torch.optim.Optimizer:
+        opt = torch.optim.Adam(params, lr=self.cfg.train.lr)
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]  # the poly schedule's base, saved with the state
+        self.optimizers.append(opt)
+        return opt
+
+    def update_teachers(self) -> None:
+        for student, teacher, alpha in self.emas:
+            ema_update(teacher, student, alpha)
+
+    def weights_info(self) -> list[dict]:
+        return [dict(getattr(net, "weights_info", {"used": "unknown"})) for net in self.segmenters]
+
+
+def weights_note(infos: list[dict]) -> str:
+    """One sentence for the metadata: were the requested ImageNet weights used?"""
+    fallback = [i for i in infos if i.get("requested") == "imagenet" and i.get("used") == "random-init"]
+    if fallback:
+        return ("ImageNet weights were requested but UNAVAILABLE: the network(s) were trained from "
+                f"RANDOM INITIALISATION ({fallback[0].get('reason', '')})")
+    used = sorted({str(i.get("used")) for i in infos})
+    return "weights used: " + ", ".join(used)
+
+
+# ---------------------------------------------------------------------------- trainer
+
+class Trainer:
+    """One run. ``train()`` is the entry point; the class is exposed so that tests and
+    benchmarks can drive single steps."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path, data: TrainData | None = None,
+                 aug: AugmentConfig = AugmentConfig()):
+        self.cfg, self.out_dir, self.aug = cfg, Path(out_dir), aug
+        t = cfg.train
+        for name in ("epochs", "batch_labeled", "batch_unlabeled", "input_size", "eval_batch_size"):
+            if getattr(t, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+        self.lr = float("nan")
+        self.device = resolve_device(cfg.device)
+        self.method_cls = METHODS.get(cfg.method)
+        hp_cls = self.method_cls.Hparams
+        if hp_cls is type(None) or hp_cls is None:
+            if cfg.method_params:
+                raise ConfigError(f"method {cfg.method!r} takes no hyperparameters, got "
+                                  f"{', '.join(sorted(cfg.method_params))}")
+            self.hparams = None
+        else:
+            self.hparams = make_hparams(hp_cls, cfg.method_params)
+        self.ratio = self.method_cls.fixed_ratio or cfg.ratio
+        self.views = self.method_cls.unlabeled_views
+        self.data = data if data is not None else load_train_data(
+            cfg.data_dir, cfg.splits_dir, cfg.dataset, cfg.seed, self.ratio, t.input_size,
+            with_unlabeled=self.views is not None)
+        if self.views is not None and len(self.data.unlabeled) == 0:
+            raise ConfigError(f"method {cfg.method!r} trains on unlabeled data, but ratio 1/{self.ratio} "
+                              f"leaves no unlabeled samples")
+        self.iterations = iterations_per_epoch(len(self.data.labeled), len(self.data.unlabeled_ids),
+                                               t.batch_labeled, t.batch_unlabeled, t.iters_per_epoch)
+        self.total = self.iterations * t.epochs
+        self.schedule = BatchSchedule(len(self.data.labeled), len(self.data.unlabeled),
+                                      t.batch_labeled, t.batch_unlabeled, cfg.seed, self.iterations)
+        self.amp = bool(t.amp and self.device.type == "cuda")
+        self.images_per_step = t.batch_labeled + (t.batch_unlabeled if self.views is not None else 0)
+
+        seed_everything(derive_seed(cfg.seed, STREAM_INIT))
+        self.ctx = EngineContext(cfg, self.device)
+        self.method: Method = self.method_cls(self.ctx, self.hparams).to(self.device)
+        if not self.ctx.optimizers:
+            raise ConfigError(f"method {cfg.method!r} registered no optimiser (ctx.add_optimizer)")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+        self.start_epoch = 0
+        self.best = {"epoch": -1, "val_dice": -math.inf}
+        self.timings = {"train_s": 0.0, "val_s": 0.0, "images": 0}
+
+    # -- state ---------------------------------------------------------------------------
+    def checkpoint_state(self, epoch: int) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epoch,  # last completed epoch (0-based)
+            "method": self.method.state_dict(),
+            "optimizers": [o.state_dict() for o in self.ctx.optimizers],
+            "scaler": self.scaler.state_dict(),
+            "best": dict(self.best),
+            "timings": dict(self.timings),
+            "fingerprint": self.cfg.fingerprint(),
+            "config_items": self.cfg.fingerprint_items(),
+        }
+
+    def load_checkpoint(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:
+            raise TrainingError(f"{path} cannot be read ({type(e).__name__}: {e}); delete it to "
+                                f"start the run over") from None
+        _check_same_config(state.get("config_items", {}), self.cfg, path)
+        if len(state["optimizers"]) != len(self.ctx.optimizers):
+            raise TrainingError(f"{path} holds {len(state['optimizers'])} optimiser states, the method "
+                                f"has {len(self.ctx.optimizers)}")
+        self.method.load_state_dict(state["method"])
+        for opt, s in zip(self.ctx.optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+        if state.get("scaler") and self.scaler.is_enabled():  # AMP state only matters on CUDA
+            self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self.best = dict(state["best"])
+        self.timings = dict(state["timings"])
+
+    # -- one step ------------------------------------------------------------------------
+    def set_lr(self, iteration: int) -> float:
+        for opt in self.ctx.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = poly_lr(group["initial_lr"], iteration, self.total, self.cfg.train.poly_power)
+        return self.ctx.optimizers[0].param_groups[0]["lr"]
+
+    def make_batch(self, epoch: int, it: int) -> Batch:
+        dev, d = self.device, self.data
+        gen = make_generator(self.cfg.seed, STREAM_AUG, epoch, it)
+        idx = self.schedule.labeled(epoch, it)
+        x, y = augment_labeled(d.labeled.images[idx].to(dev), d.labeled.masks[idx].to(dev), gen, self.aug)
+        unlabeled = {}
+        if self.views is not None:
+            u = d.unlabeled.images[self.schedule.unlabeled(epoch, it)].to(dev)
+            unlabeled = make_views(self.views, u, gen, self.aug)
+        return Batch(labeled_image=x, labeled_mask=y, unlabeled=unlabeled)
+
+    def train_step(self, epoch: int, it: int) -> dict[str, float]:
+        """One optimisation step; returns the losses as floats. Raises :class:`TrainingError`
+        on a non-finite loss, before the backward pass and any optimiser step."""
+        t = self.cfg.train
+        iteration = epoch * self.iterations + it
+        self.lr = self.set_lr(iteration)
+        batch = self.make_batch(epoch, it)
+        info = StepInfo(epoch=epoch, epochs=t.epochs, iteration=iteration, iterations=self.total,
+                        unsup_active=epoch >= t.unsup_start_epoch)
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
+        with autocast:
+            losses = self.method.training_step(batch, info)
+        if "loss" not in losses:
+            raise TrainingError(f"method {self.cfg.method!r} returned no 'loss' (got {', '.join(losses)})")
+        values = self._loss_values(losses, iteration, epoch, it)
+        for opt in self.ctx.optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        for opt in self.ctx.optimizers:
+            self.scaler.step(opt)
+        self.scaler.update()
+        self.ctx.update_teachers()
+        return values
+
+    def _loss_values(self, losses: dict, iteration: int, epoch: int, it: int) -> dict[str, float]:
+        names, vals = [], []
+        for name, v in losses.items():
+            v = torch.as_tensor(v).detach()
+            if v.numel() != 1:
+                raise TrainingError(f"loss {name!r} of method {self.cfg.method!r} is not a scalar "
+                                    f"(shape {tuple(v.shape)})")
+            names.append(name)
+            vals.append(v.float().reshape(()).to(self.device))
+        host = torch.stack(vals).cpu().tolist()  # one device sync per step
+        # name the culprit term first: the total "loss" is only non-finite because of it
+        bad = sorted(((n, v) for n, v in zip(names, host) if not math.isfinite(v)), key=lambda b: b[0] == "loss")
+        if bad:
+            also = f" (also non-finite: {', '.join(repr(n) for n, _ in bad[1:])})" if bad[1:] else ""
+            raise TrainingError(f"non-finite loss {bad[0][0]!r} = {bad[0][1]} at step {iteration} (epoch {epoch}, "
+                                f"iteration {it} of the epoch; 0-based){also} in {self.cfg.method} run "
+                                f"{self.cfg.dataset} 1/{self.ratio} seed {self.cfg.seed}")
+        return dict(zip(names, host))
+
+    # -- validation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Pooled dice over the val samples at the input size (semibench.metrics)."""
+        model = self.method.inference_model()
+        was_training = self.method.training
+        self.method.eval()
+        kwargs = {"project": False} if "project" in inspect.signature(model.forward).parameters else {}
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
+        val: ImageSet = self.data.val
+        bs = self.cfg.train.eval_batch_size
+        counts = None
+        for start in range(0, len(val), bs):
+            x = normalise(to_float(val.images[start:start + bs].to(self.device)))
+            with autocast:
+                out = model(x, **kwargs)
+            logits = out.logits if hasattr(out, "logits") else out
+            c = confusion(logits.argmax(1) == 1, val.masks[start:start + bs].to(self.device).bool())
+            counts = c if counts is None else counts + c
+        self.method.train(was_training)
+        return scores(counts)["dice"]
+
+    # -- the run -------------------------------------------------------------------------
+    def run(self, on_epoch_end: Callable[[int], None] | None = None) -> Path:
+        cfg, t, out = self.cfg, self.cfg.train, self.out_dir
+        ckpt_path = out / "checkpoint.pt"
+        if ckpt_path.exists():
+            self.load_checkpoint(ckpt_path)
+        write_json_atomic(out / "config.json", cfg.to_dict())
+        log_path = out / "train.jsonl"
+        self._truncate_log(log_path, self.start_epoch)
+        infos = self.ctx.weights_info()
+        note = weights_note(infos)
+        if "UNAVAILABLE" in note:
+            warnings.warn(note, stacklevel=2)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        wall0 = time.perf_counter()
+        with open(log_path, "a") as log:
+            for epoch in range(self.start_epoch, t.epochs):
+                seed_everything(derive_seed(cfg.seed, STREAM_EPOCH, epoch))
+                epoch_losses, lr, train_s = self._train_epoch(epoch, log)
+                v0 = time.perf_counter()
+                val_dice = self.validate()
+                val_s = time.perf_counter() - v0
+                self.timings["val_s"] += val_s
+                if val_dice > self.best["val_dice"]:
+                    self.best = {"epoch": epoch, "val_dice": val_dice}
+                    torch_save_atomic(out / "best.pt", {
+                        "model": self.method.inference_model().state_dict(), "epoch": epoch,
+                        "val_dice": val_dice, "config": cfg.to_dict()})
+                # the log line before the checkpoint: a kill in between replays the epoch, and
+                # the replay first drops the epoch's lines
+                self._log(log, event="epoch", epoch=epoch, iteration=(epoch + 1) * self.iterations,
+                          lr=lr, losses=epoch_losses, val_dice=val_dice,
+                          best_epoch=self.best["epoch"], best_val_dice=self.best["val_dice"],
+                          img_per_s=self.iterations * self.images_per_step / max(train_s, 1e-9),
+                          train_s=train_s, val_s=val_s, peak_mem_mb=peak_memory_mb(self.device))
+                torch_save_atomic(ckpt_path, self.checkpoint_state(epoch))
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch)
+        self._write_done(infos, note, time.perf_counter() - wall0)
+        return out
+
+    def _train_epoch(self, epoch: int, log) -> tuple[dict[str, float], float, float]:
+        cfg = self.cfg
+        self.method.train()
+        sums: dict[str, float] = {}
+        window: dict[str, float] = {}
+        n_window, t_window = 0, time.perf_counter()
+        t0 = time.perf_counter()
+        bar = tqdm(range(self.iterations), desc=f"{cfg.method} {cfg.dataset} 1/{self.ratio} seed{cfg.seed} "
+                   f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, mininterval=1.0, unit="it")
+        lr = float("nan")
+        for it in bar:
+            values = self.train_step(epoch, it)
+            lr = self.lr
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+                window[k] = window.get(k, 0.0) + v
+            n_window += 1
+            last = it == self.iterations - 1
+            if n_window == LOG_EVERY or (last and n_window):
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t_window
+                means = {k: v / n_window for k, v in window.items()}
+                self._log(log, event="train", epoch=epoch, iteration=epoch * self.iterations + it + 1,
+                          lr=lr, losses=means, img_per_s=n_window * self.images_per_step / max(dt, 1e-9),
+                          peak_mem_mb=peak_memory_mb(self.device))
+                bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}")
+                window, n_window, t_window = {}, 0, time.perf_counter()
+        bar.close()
+        train_s = time.perf_counter() - t0
+        self.timings["train_s"] += train_s
+        self.timings["images"] += self.iterations * self.images_per_step
+        return {k: v / self.iterations for k, v in sums.items()}, lr, train_s
+
+    @staticmethod
+    def _log(log, **record) -> None:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+    @staticmethod
+    def _truncate_log(path: Path, start_epoch: int) -> None:
+        """Keep only the lines of epochs before ``start_epoch`` (a killed epoch is replayed)."""
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("epoch", math.inf) < start_epoch:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+        _atomic_write_bytes(path, lambda p: p.write_text("".join(line + "\n" for line in keep)))
+
+    def _write_done(self, infos: list[dict], note: str, wall_s: float) -> None:
+        cfg, tm = self.cfg, self.timings
+        done = {
+            "dataset": cfg.dataset, "method": cfg.method, "ratio": self.ratio, "seed": cfg.seed,
+            "epochs": cfg.train.epochs, "iterations_per_epoch": self.iterations,
+            "n_labeled": len(self.data.labeled), "n_unlabeled": len(self.data.unlabeled_ids),
+            "n_val": len(self.data.val),
+            "best_epoch": self.best["epoch"], "best_val_dice": self.best["val_dice"],
+            "versions": versions(),
+            "device": {"spec": cfg.device, "device": str(self.device), "name": device_name(self.device),
+                       "amp": self.amp, "threads": torch.get_num_threads()},
+            "weights_info": {"segmenters": infos, "note": note},
+            "timings": {"train_s": tm["train_s"], "val_s": tm["val_s"],
+                        "total_s": tm["train_s"] + tm["val_s"], "this_process_wall_s": wall_s,
+                        "images": tm["images"],
+                        "img_per_s": tm["images"] / tm["train_s"] if tm["train_s"] else None,
+                        "peak_mem_mb": peak_memory_mb(self.device)},
+            "fingerprint": cfg.fingerprint(),
+            "config": cfg.to_dict(),
+        }
+        write_json_atomic(self.out_dir / "train_done.json", done)
+
+
+def train(cfg: RunConfig, out_dir: Path, *, on_epoch_end: Callable[[int], None] | None = None) -> Path:
+    """Train one run into ``out_dir`` (created if needed), resuming from its ``checkpoint.pt``.
+    Returns ``out_dir``. A finished run (``train_done.json`` under the same config) is not
+    trained again. ``on_epoch_end(epoch)`` is called after each epoch's checkpoint is written."""
+    out_dir = Path(out_dir)
+    done = out_dir / "train_done.json"
+    if done.exists():
+        saved = _read_saved_config(done, "config")
+        if saved is not None:
+            _check_same_config(saved, cfg, done)
+            return out_dir
+    if (out_dir / "checkpoint.pt").exists():  # refuse before loading any data
+        saved = _read_saved_config(out_dir / "config.json", None)
+        if saved is not None:
+            _check_same_config(saved, cfg, out_dir / "checkpoint.pt")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # autocast and cuDNN follow the current device
+    with determinism(cfg.train.deterministic, device):
+        trainer = Trainer(cfg, out_dir)
+        return trainer.run(on_epoch_end=on_epoch_end)

@@ -1,0 +1,313 @@
+"""The training engine on a tiny prepared dataset (random images, hand-written split)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from semibench.config import RunConfig, TrainConfig
+from semibench.device import resolve_device
+from semibench.engine import Trainer, config_differences, train, weights_note
+from semibench.errors import ConfigError, TrainingError
+from semibench.method import Method
+from semibench.prepared import PreparedWriter
+from semibench.registry import METHODS
+from semibench.schedules import poly_lr
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+def write_toy_dataset(root: Path, n_train=12, n_val=4, n_test=2, h=40, w=48, seeds=(0,)) -> None:
+    """``root/data/prepared/toy`` (random images with bright discs as nuclei) and
+    ``root/splits/toy/seed{S}.json`` with labeled subsets for ratios 1, 2, 4."""
+    rng = np.random.default_rng(123)
+    ids = [f"img{i:02d}" for i in range(n_train + n_val + n_test)]
+    yy, xx = np.mgrid[:h, :w]
+    with PreparedWriter(root / "data" / "prepared" / "toy", "toy") as writer:
+        for sid in ids:
+            label = np.zeros((h, w), np.uint16)
+            for k in range(1, 4):
+                cy, cx, r = rng.integers(6, h - 6), rng.integers(6, w - 6), rng.integers(3, 7)
+                label[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = k
+            image = rng.integers(0, 80, (h, w, 3)).astype(np.uint8)
+            image[label > 0] += np.uint8(150)
+            writer.add_image(sid, h, w, 3, "train")
+            writer.add_sample(sid, image, label, "train")
+        writer.commit()
+    train_ids, val, test = ids[:n_train], ids[n_train:n_train + n_val], ids[n_train + n_val:]
+    for seed in seeds:
+        order = list(np.random.default_rng(seed).permutation(train_ids))
+        split = {"dataset": "toy", "seed": seed, "train": train_ids, "val": val, "test": test,
+                 "labeled": {"4": order[:3], "2": order[:6], "1": train_ids}}
+        path = root / "splits" / "toy" / f"seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(split))
+
+
+def toy_config(root: Path, method: str, ratio: int = 2, seed: int = 0, method_params=None,
+               **train_kw) -> RunConfig:
+    t = dict(backbone="tiny", weights="none", input_size=64, batch_labeled=2, batch_unlabeled=2,
+             epochs=3, unsup_start_epoch=1, eval_batch_size=4, num_workers=0)
+    t.update(train_kw)
+    return RunConfig(dataset="toy", method=method, ratio=ratio, seed=seed,
+                     data_dir=str(root / "data"), splits_dir=str(root / "splits"), device="cpu",
+                     train=TrainConfig(**t), method_params=dict(method_params or {}))
+
+
+@dataclass
+class LocalMTHparams:
+    w_cons: float = 1.0
+    nan_at: int = -1  # global iteration at which the consistency loss becomes NaN
+
+
+class LocalMeanTeacher(Method):
+    """A test-local mean teacher (independent of methods/): CE + MSE(softmax) consistency."""
+
+    name = "_test_mt"
+    Hparams = LocalMTHparams
+    unlabeled_views = "weak_strong"
+
+    def __init__(self, ctx, hp):
+        super().__init__()
+        self.hp = hp
+        self.student = ctx.build_segmenter()
+        self.teacher = ctx.ema_of(self.student)
+        ctx.add_optimizer(self.student.parameters())
+
+    def training_step(self, batch, step):
+        sup = F.cross_entropy(self.student(batch.labeled_image, project=False).logits, batch.labeled_mask)
+        cons = sup.new_zeros(())
+        if step.unsup_active:
+            p_s = self.student(batch.unlabeled["strong"], project=False).logits.softmax(1)
+            with torch.no_grad():
+                p_t = self.teacher(batch.unlabeled["weak"], project=False).logits.softmax(1)
+            cons = F.mse_loss(p_s, p_t)
+        if step.iteration == self.hp.nan_at:
+            cons = cons * float("nan")
+        return {"loss": sup + self.hp.w_cons * cons, "loss_sup": sup.detach(), "loss_cons": cons.detach()}
+
+
+class LocalSupOnly(Method):
+    name = "_test_sup"
+    Hparams = type(None)
+    unlabeled_views = None
+
+    def __init__(self, ctx, hp):
+        super().__init__()
+        self.student = ctx.build_segmenter()
+        ctx.add_optimizer(self.student.parameters())
+
+    def training_step(self, batch, step):
+        assert batch.unlabeled == {}
+        return {"loss": F.cross_entropy(self.student(batch.labeled_image, project=False).logits,
+                                        batch.labeled_mask)}
+
+
+class LocalFullSup(LocalSupOnly):
+    name = "_test_full"
+    fixed_ratio = 1
+
+
+@pytest.fixture
+def local_methods(monkeypatch):
+    METHODS.names()  # discover the built-in ones first
+    for cls in (LocalMeanTeacher, LocalSupOnly, LocalFullSup):
+        monkeypatch.setitem(METHODS._items, cls.name, cls)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny tensors gain nothing from threads, and on a loaded machine OpenMP threads spinning
+    # against other processes make each step ~20x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("toy")
+    write_toy_dataset(root, seeds=(0, 1))
+    return root
+
+
+# ---------------------------------------------------------------------------- one step
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+STEP_METHODS = sorted(set(METHODS.names()) | {LocalMeanTeacher.name})
+
+
+@pytest.mark.parametrize("method", STEP_METHODS)
+def test_one_step_changes_student_and_teacher_follows_ema(method, toy_root, tmp_path, local_methods):
+    cfg = toy_config(toy_root, method, ratio=2, unsup_start_epoch=0, ema_alpha=0.9)
+    tr = Trainer(cfg, tmp_path)
+    opt_params = [p for o in tr.ctx.optimizers for g in o.param_groups for p in g["params"]]
+    before = [p.detach().clone() for p in opt_params]
+    teachers_before = [_snapshot(t) for _, t, _ in tr.ctx.emas]
+    values = tr.train_step(epoch=0, it=0)
+    assert np.isfinite(values["loss"])
+    changed = sum(not torch.equal(b, p) for b, p in zip(before, opt_params))
+    assert changed > len(opt_params) // 2, f"{method}: only {changed}/{len(opt_params)} tensors moved"
+    for (student, teacher, alpha), t0 in zip(tr.ctx.emas, teachers_before):
+        assert alpha == 0.9 or method not in ("_test_mt", "meanteacher", "cdcl")  # the run's alpha
+        s1, t1 = student.state_dict(), teacher.state_dict()
+        for key, old in t0.items():
+            if old.is_floating_point():  # parameters and BN running stats: the EMA formula, exactly
+                expected = alpha * old + (1 - alpha) * s1[key]
+                assert torch.equal(t1[key], expected), f"{method}: {key}"
+            else:  # num_batches_tracked is copied
+                assert torch.equal(t1[key], s1[key])
+        assert not teacher.training and all(not m.training for m in teacher.modules())
+        assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_teacher_stays_in_eval_mode_and_dropout_off(toy_root, tmp_path, local_methods):
+    tr = Trainer(toy_config(toy_root, "_test_mt"), tmp_path)
+    tr.method.train()
+    teacher = tr.method.teacher
+    assert tr.method.student.training and not teacher.training
+    assert not any(m.training for m in teacher.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(teacher(x).logits, teacher(x).logits)  # no active dropout
+        a, b = tr.method.student(x).logits, tr.method.student(x).logits
+    assert not torch.equal(a, b)  # the student's dropout is on
+
+
+def test_poly_lr_applied_to_every_optimiser(toy_root, tmp_path, local_methods):
+    tr = Trainer(toy_config(toy_root, "_test_mt", lr=2e-3), tmp_path)
+    assert tr.iterations == 3 and tr.total == 9  # 6 unlabeled / batch 2, 3 epochs
+    for it in (0, 4, 8):
+        lr = tr.set_lr(it)
+        assert lr == poly_lr(2e-3, it, 9, 0.9)
+        assert all(g["lr"] == lr for o in tr.ctx.optimizers for g in o.param_groups)
+
+
+def test_epoch_length_of_labeled_only_methods(toy_root, tmp_path, local_methods):
+    # SupOnly: as many steps as the semi-supervised runs at its ratio (6 unlabeled / 2)
+    sup = Trainer(toy_config(toy_root, "_test_sup", ratio=4), tmp_path)
+    assert len(sup.data.labeled) == 3 and len(sup.data.unlabeled) == 0 and sup.iterations == 5
+    assert sup.images_per_step == 2
+    # FullSup: ratio fixed to 1, no unlabeled data: one pass over the 12 labeled samples
+    full = Trainer(toy_config(toy_root, "_test_full", ratio=4), tmp_path)
+    assert full.ratio == 1 and len(full.data.labeled) == 12 and full.iterations == 6
+    with pytest.raises(ConfigError, match="leaves no unlabeled samples"):
+        Trainer(toy_config(toy_root, "_test_mt", ratio=1), tmp_path)
+
+
+# ---------------------------------------------------------------------------- whole runs
+
+def test_run_writes_all_outputs(toy_root, tmp_path, local_methods):
+    out = tmp_path / "run"
+    cfg = toy_config(toy_root, "_test_mt", epochs=2, weights="imagenet")  # tiny: no ImageNet weights
+    with pytest.warns(UserWarning, match="UNAVAILABLE"):
+        assert train(cfg, out) == out
+    assert json.loads((out / "config.json").read_text()) == cfg.to_dict()
+    lines = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    epochs = [x for x in lines if x["event"] == "epoch"]
+    steps = [x for x in lines if x["event"] == "train"]
+    assert [e["epoch"] for e in epochs] == [0, 1] and len(steps) == 2  # 3 iterations < LOG_EVERY
+    for x in lines:
+        assert {"loss", "loss_sup", "loss_cons"} <= set(x["losses"])
+        assert x["img_per_s"] > 0 and x["peak_mem_mb"] > 0
+    assert steps[0]["losses"]["loss_cons"] == 0.0  # unsupervised terms off in epoch 0
+    assert steps[1]["losses"]["loss_cons"] > 0.0
+    assert steps[1]["lr"] == poly_lr(1e-4, 5, 6)  # lr of the last step of epoch 1
+    best = torch.load(out / "best.pt", weights_only=True)
+    vals = [e["val_dice"] for e in epochs]
+    assert best["val_dice"] == max(vals) and best["epoch"] == vals.index(max(vals))
+    assert best["config"] == cfg.to_dict()
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    student_keys = {k[len("student."):] for k in ckpt["method"] if k.startswith("student.")}
+    assert set(best["model"]) == student_keys  # the bare inference DenseUNet
+    assert ckpt["epoch"] == 1 and any(k.startswith("teacher.") for k in ckpt["method"])
+    assert ckpt["fingerprint"] == cfg.fingerprint() and len(ckpt["optimizers"]) == 1
+    done = json.loads((out / "train_done.json").read_text())
+    assert done["best_epoch"] == best["epoch"] and done["best_val_dice"] == best["val_dice"]
+    assert done["iterations_per_epoch"] == 3 and done["seed"] == 0
+    assert set(done["versions"]) >= {"python", "torch", "torchvision", "numpy", "semibench"}
+    assert done["device"]["device"] == "cpu"
+    assert "RANDOM INITIALISATION" in done["weights_info"]["note"]
+    assert done["weights_info"]["segmenters"][0]["used"] == "random-init"
+    t = done["timings"]
+    assert t["train_s"] > 0 and t["val_s"] > 0 and t["images"] == 2 * 3 * 4 and t["img_per_s"] > 0
+    assert not list(out.glob(".*tmp*"))  # no temporary files left
+    # a finished run is not trained again
+    mtime = (out / "best.pt").stat().st_mtime_ns
+    train(cfg, out)
+    assert (out / "best.pt").stat().st_mtime_ns == mtime
+
+
+def test_nan_loss_names_loss_and_step_and_leaves_no_done_file(toy_root, tmp_path, local_methods):
+    out = tmp_path / "run"
+    cfg = toy_config(toy_root, "_test_mt", unsup_start_epoch=0, method_params={"nan_at": 4})
+    with pytest.raises(TrainingError, match=r"non-finite loss 'loss_cons' = nan at step 4 \(epoch 1, "
+                                            r"iteration 1 of the epoch; 0-based\) \(also non-finite: 'loss'\)"):
+        train(cfg, out)
+    assert not (out / "train_done.json").exists() and not (out / "metrics.json").exists()
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 0  # the last good epoch; the NaN step changed nothing on disk
+    for v in ckpt["method"].values():
+        assert torch.isfinite(v.float()).all()
+
+
+def test_resume_under_another_config_is_refused(toy_root, tmp_path, local_methods):
+    out = tmp_path / "run"
+    cfg = toy_config(toy_root, "_test_mt", epochs=1)
+    train(cfg, out)
+    other = toy_config(toy_root, "_test_mt", epochs=1, lr=3e-4, method_params={"w_cons": 2.0})
+    with pytest.raises(TrainingError, match=r"differing keys: method_params\.w_cons \('<absent>' → 2\.0\), "
+                                            r"train\.lr \(0\.0001 → 0\.0003\)"):
+        train(other, out)
+    (out / "train_done.json").unlink()  # an unfinished run: the checkpoint refuses
+    with pytest.raises(TrainingError, match=r"checkpoint\.pt was written under another config.*train\.lr"):
+        train(other, out)
+    (out / "config.json").unlink()  # even without config.json, the checkpoint's own record refuses
+    with pytest.raises(TrainingError, match=r"checkpoint\.pt was written under another config.*train\.lr"):
+        train(other, out)
+    # the device is not part of the fingerprint
+    assert config_differences(cfg.fingerprint_items(), RunConfig.from_dict({**cfg.to_dict(), "device": "cuda"})
+                              .fingerprint_items()) == []
+
+
+def test_unknown_hparams_and_method(toy_root, tmp_path, local_methods):
+    with pytest.raises(ConfigError, match="unknown hyperparameter.*bogus"):
+        Trainer(toy_config(toy_root, "_test_mt", method_params={"bogus": 1}), tmp_path)
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        Trainer(toy_config(toy_root, "nope"), tmp_path)
+    with pytest.raises(ConfigError, match="takes no hyperparameters"):
+        Trainer(toy_config(toy_root, "_test_sup", method_params={"x": 1}), tmp_path)
+
+
+def test_resolve_device(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    for spec in ("cuda", "cuda:1"):
+        with pytest.raises(TrainingError, match=f"device '{spec}' requested but no CUDA GPU is available"):
+            resolve_device(spec)
+    for spec in ("gpu", "cpu:0", "cuda:x", ""):
+        with pytest.raises(ConfigError, match="unknown device"):
+            resolve_device(spec)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda") == torch.device("cuda:0")
+    assert resolve_device("CUDA:1") == torch.device("cuda:1")
+    with pytest.raises(TrainingError, match="only 2 CUDA GPU"):
+        resolve_device("cuda:2")
+
+
+def test_weights_note():
+    assert "UNAVAILABLE" in weights_note([{"requested": "imagenet", "used": "random-init", "reason": "offline"}])
+    assert "offline" in weights_note([{"requested": "imagenet", "used": "random-init", "reason": "offline"}])
+    assert weights_note([{"requested": "imagenet", "used": "imagenet:/x.pth"}]) == "weights used: imagenet:/x.pth"
+    assert weights_note([{"requested": "none", "used": "random-init"}]) == "weights used: random-init"
