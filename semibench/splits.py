@@ -1,0 +1,125 @@
+"""Train/val/test splits and nested labeled subsets, identical on every machine.
+
+Written to ``results/splits/<dataset>/seed<S>.json`` as::
+
+    {"dataset", "seed", "train": [ids], "val": [ids], "test": [ids],
+     "labeled": {"32": [...], "16": [...], "8": [...], "1": [...]}}
+
+Rules (data-layer issue, section 3):
+
+- The partition is over *source images*; a sample (a MoNuSeg tile, a DSB image) follows its
+  image, so tiles of one image never straddle two parts.
+- Fractional policy (DSB, synthetic): n_train = round((1 − val − test)·n), n_val = round(val·n),
+  test = the rest. Official policy (MoNuSeg): the publisher's ``test`` subset is the test set;
+  n_val = round(val·n) of the n training images go to val, the rest to train.
+- ``labeled[k]`` = max(1, round(n_train / k)) train samples; nested, because every ratio takes a
+  prefix of one ordering: labeled[32] ⊂ labeled[16] ⊂ labeled[8] ⊂ labeled[1] = train.
+- round() rounds half up (exact fractions, not floats, not banker's rounding).
+- Randomness: items are ordered by sha256(f"{dataset}:{seed}:{salt}:{id}") (salt ``split`` for
+  images, ``labeled`` for samples), ties by id. No hash(), no set order, no RNG whose stream
+  could change between library versions.
+- Lists in the file are sorted by id; JSON is written with ``indent=1`` and a trailing newline,
+  atomically (temporary file + rename), so regeneration is byte-identical.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .errors import DataError
+from .obtain import SampleRef
+from .prepared import PreparedDataset
+
+LABEL_RATIOS = (32, 16, 8, 1)
+
+
+@dataclass(frozen=True)
+class SplitPolicy:
+    """``val``/``test``: fractions of the source images as decimal strings (exact), or
+    ``test="official"`` to use the publisher's test subset."""
+
+    val: str
+    test: str
+
+    @property
+    def official_test(self) -> bool:
+        return self.test == "official"
+
+
+def round_half_up(x: Fraction) -> int:
+    return math.floor(x + Fraction(1, 2))
+
+
+def order_key(dataset: str, seed: int, salt: str, item: str) -> tuple[str, str]:
+    return hashlib.sha256(f"{dataset}:{seed}:{salt}:{item}".encode()).hexdigest(), item
+
+
+def _shuffled(dataset: str, seed: int, salt: str, items: Iterable[str]) -> list[str]:
+    return sorted(items, key=lambda i: order_key(dataset, seed, salt, i))
+
+
+def make_split(dataset: str, seed: int, refs: Sequence, policy: SplitPolicy,
+               ratios: Sequence[int] = LABEL_RATIOS) -> dict:
+    """``refs``: ``SampleRef``s or manifest sample rows (dicts with ``id``, ``image``, ``subset``)."""
+    refs = [r if isinstance(r, SampleRef) else SampleRef(r["id"], r["image"], r["subset"]) for r in refs]
+    subset_of: dict[str, str] = {}
+    samples_of: dict[str, list[str]] = {}
+    for r in refs:
+        if subset_of.setdefault(r.image, r.subset) != r.subset:
+            raise DataError(f"{dataset}: image {r.image} has samples in two subsets")
+        samples_of.setdefault(r.image, []).append(r.id)
+    pool = [i for i, s in subset_of.items() if s == "train"]
+    n = len(pool)
+    order = _shuffled(dataset, seed, "split", pool)
+    n_val = round_half_up(Fraction(policy.val) * n)
+    if policy.official_test:
+        n_train = n - n_val
+        test_images = [i for i, s in subset_of.items() if s == "test"]
+    else:
+        n_train = round_half_up((1 - Fraction(policy.val) - Fraction(policy.test)) * n)
+        test_images = order[n_train + n_val:]
+    if n_train < 1:
+        raise DataError(f"{dataset}: {n} training images are too few to split")
+    parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": test_images}
+    ids = {k: sorted(s for img in imgs for s in samples_of[img]) for k, imgs in parts.items()}
+    ranked = _shuffled(dataset, seed, "labeled", ids["train"])
+    labeled = {str(k): sorted(ranked[:max(1, round_half_up(Fraction(len(ranked), k)))])
+               for k in ratios}
+    return {"dataset": dataset, "seed": int(seed), "train": ids["train"], "val": ids["val"],
+            "test": ids["test"], "labeled": labeled}
+
+
+def split_to_json(split: dict) -> str:
+    return json.dumps(split, indent=1, ensure_ascii=True) + "\n"
+
+
+def write_split_file(split: dict, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="ascii", newline="\n") as f:
+        f.write(split_to_json(split))
+    os.replace(tmp, out)
+    return out
+
+
+def default_split_path(name: str, seed: int, splits_dir: str | Path = "results/splits") -> Path:
+    return Path(splits_dir) / name / f"seed{seed}.json"
+
+
+def write_split(name: str, data_dir: str | Path, seed: int, out: str | Path | None = None) -> Path:
+    """Split the prepared dataset ``<data_dir>/prepared/<name>`` with its recipe's policy."""
+    from .registry import DATASETS
+
+    policy = DATASETS.get(name).split_policy
+    manifest = PreparedDataset(Path(data_dir) / "prepared" / name).manifest
+    if manifest.get("dataset") != name:
+        raise DataError(f"{data_dir}/prepared/{name}/manifest.json is for dataset {manifest.get('dataset')!r}")
+    split = make_split(name, seed, manifest["samples"], policy)
+    return write_split_file(split, out if out is not None else default_split_path(name, seed))

@@ -1,0 +1,107 @@
+"""Tests on the real archives (``../shared/data`` next to the repository, or
+$SEMIBENCH_SHARED_DATA); skipped when they are absent. Each dataset is prepared once per session."""
+import io
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from semibench import obtain as ob
+from semibench.prepared import PreparedDataset
+from semibench.splits import make_split, split_to_json, write_split
+from semibench.tiling import reassemble, tile_grid
+
+pytestmark = pytest.mark.realdata
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("SEMIBENCH_SHARED_DATA", REPO.parent / "shared" / "data"))
+CONFIGS = {
+    "dsb2018": {"archive": str(SHARED / "dsb2018" / "stage1_train.zip")},
+    "monuseg": {"archive": {"MoNuSeg 2018 Training Data.zip": str(SHARED / "monuseg" / "MoNuSegTrainingData.zip"),
+                            "MoNuSegTestData.zip": str(SHARED / "monuseg" / "MoNuSegTestData.zip")}},
+}
+
+
+def _config(name: str) -> dict:
+    cfg = CONFIGS[name]
+    paths = [cfg["archive"]] if isinstance(cfg["archive"], str) else list(cfg["archive"].values())
+    if not all(Path(p).is_file() for p in paths):
+        pytest.skip(f"real {name} archives not found under {SHARED}")
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("realdata")
+
+
+@pytest.fixture(scope="session")
+def dsb(data_dir):
+    return PreparedDataset(ob.prepare("dsb2018", data_dir, _config("dsb2018")))
+
+
+@pytest.fixture(scope="session")
+def monuseg(data_dir):
+    return PreparedDataset(ob.prepare("monuseg", data_dir, _config("monuseg")))
+
+
+def test_dsb_prepare_gives_670_images_and_29461_nuclei(dsb):
+    assert len(dsb.manifest["images"]) == len(dsb.ids) == 670
+    assert sum(s["n_nuclei"] for s in dsb.manifest["samples"]) == 29461
+    sample = dsb.load(dsb.ids[0])
+    assert sample.image.shape[2] == 3 and sample.image.dtype == np.uint8
+    assert sample.label.max() == dsb.by_id[dsb.ids[0]]["n_nuclei"]  # ids 1..N
+
+
+def test_dsb_verify(data_dir):
+    summary = ob.verify("dsb2018", data_dir, _config("dsb2018"))["summary"]
+    assert (summary["images"], summary["masks"]) == (670, 29461)
+
+
+def test_monuseg_images_tiles_and_instance_counts(monuseg):
+    images = monuseg.manifest["images"]
+    assert [sum(i["subset"] == s for i in images) for s in ("train", "test")] == [30, 14]
+    samples = monuseg.manifest["samples"]
+    assert [sum(s["subset"] == k for s in samples) for k in ("train", "test")] == [480, 224]
+    assert {(s["height"], s["width"]) for s in samples} == {(250, 250)}
+    # instances of one test image vs the Region elements of its XML, counted independently
+    iid = "TCGA-2Z-A9J9-01A-01-TS1"
+    with zipfile.ZipFile(SHARED / "monuseg" / "MoNuSegTestData.zip") as zf:
+        n_regions = zf.read(f"MoNuSegTestData/{iid}.xml").count(b"<Region ")
+        source = np.asarray(Image.open(io.BytesIO(zf.read(f"MoNuSegTestData/{iid}.tif"))).convert("RGB"))
+    image = next(i for i in images if i["id"] == iid)
+    assert image["n_nuclei"] == n_regions == 575
+    tiles = tile_grid(1000, 1000, 250)
+    pieces = [(t, monuseg.load(f"{iid}_r{t.row}_c{t.col}").image) for t in tiles]
+    assert np.array_equal(reassemble(pieces, 1000, 1000), source)
+
+
+def test_monuseg_verify(data_dir):
+    summary = ob.verify("monuseg", data_dir, _config("monuseg"))["summary"]
+    assert (summary["train"]["images"], summary["test"]["images"]) == (30, 14)
+    assert summary["test"]["regions"] == 6697
+
+
+@pytest.mark.parametrize("name", ["dsb2018", "monuseg"])
+def test_shipped_splits_regenerate_byte_identical_from_index(name, data_dir):
+    cfg = _config(name)
+    recipe = ob.get_recipe(name, cfg)
+    archives = {fn: Path(loc["path"]) for fn, loc in ob.locate(recipe, data_dir, download=False).items()}
+    refs = recipe.index(archives)
+    for seed in (0, 1, 2):
+        shipped = (REPO / "results" / "splits" / name / f"seed{seed}.json").read_text()
+        assert split_to_json(make_split(name, seed, refs, recipe.split_policy)) == shipped
+
+
+@pytest.mark.parametrize("name", ["dsb2018", "monuseg"])
+def test_shipped_splits_regenerate_byte_identical_from_prepared(name, request, data_dir, tmp_path):
+    request.getfixturevalue("dsb" if name == "dsb2018" else "monuseg")
+    for seed in (0, 1, 2):
+        out = write_split(name, data_dir, seed, tmp_path / f"seed{seed}.json")
+        shipped = REPO / "results" / "splits" / name / f"seed{seed}.json"
+        assert out.read_bytes() == shipped.read_bytes()
+        assert json.loads(out.read_text())["seed"] == seed
