@@ -8,8 +8,7 @@ then argmax) and writes, each atomically:
 - ``per_image.csv``: id, height, width, tp, fp, tn, fn and the five metrics per test sample;
 - ``metrics.json`` (written last, so its presence means both are complete): ``pooled`` and
   ``per_image_mean`` (keys ``dice, jaccard, accuracy, specificity, sensitivity``),
-  ``reported: "pooled"`` (the convention the tables use, see :mod:`semibench.metrics`) and
-  ``meta`` (config, seed, versions, device, weights, timings, n_test).
+  and ``meta`` (config, seed, versions, device, weights, timings, n_test).
 """
 from __future__ import annotations
 
@@ -143,7 +142,6 @@ def evaluate_run(run_dir: Path, device: str | None = None) -> dict:
     result = {
         "pooled": pooled(counts),
         "per_image_mean": per_image_mean(counts),
-        "reported": "pooled",
         "meta": {
             "dataset": cfg.dataset, "method": cfg.method, "seed": cfg.seed,
             "ratio": train_done.get("ratio", cfg.ratio),  # FullSup trains at 1 whatever the run says

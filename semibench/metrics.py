@@ -9,8 +9,10 @@
 Two aggregations over a test set:
 
 - *pooled*: the counts are summed over all test samples and the metrics computed once (every
-  pixel weighs the same; robust to samples with few nuclei). **The tables report pooled values.**
+  pixel weighs the same; robust to samples with few nuclei).
 - *per-image mean*: the metrics of each sample, averaged (every sample weighs the same).
+  **The tables report the per-image mean by default** (``report.convention`` in the config; a
+  DSB test set mixes 256² and 1388×1040 images, and pooling would let the few large ones dominate).
 
 Edge cases (a ratio whose denominator is zero has nothing it could get wrong, so it is 1):
 
