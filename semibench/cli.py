@@ -1,0 +1,249 @@
+"""The `semibench` command: one verb per workflow step, each parsing its arguments and calling one
+function. Heavy modules are imported inside the verbs so that `semibench --help` stays instant.
+Expected failures (:class:`~semibench.errors.SemibenchError`) print one line and exit with 2."""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .errors import ConfigError, SemibenchError
+
+EXIT_ERROR = 2
+
+
+# ---------------------------------------------------------------- configuration helpers
+
+def _workflow_config(args) -> dict:
+    """--config files in order, then --config-json fragments, deep-merged like Snakemake does."""
+    from .config import deep_merge, load_workflow_config
+
+    cfg = load_workflow_config(args.config or [])
+    for text in args.config_json or []:
+        try:
+            fragment = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--config-json is not valid JSON: {e}") from None
+        if not isinstance(fragment, dict):
+            raise ConfigError("--config-json must hold a JSON object")
+        cfg = deep_merge(cfg, fragment)
+    return cfg
+
+
+def _data_dir(args, cfg: dict) -> Path:
+    return Path(args.data_dir or cfg.get("data_dir", "data"))
+
+
+def _dataset_options(cfg: dict, name: str) -> dict:
+    from .registry import DATASETS
+
+    DATASETS.get(name)  # unknown name -> ConfigError listing the known ones
+    return dict((cfg.get("datasets") or {}).get(name) or {})
+
+
+def check_ratio(method: str, ratio: int) -> None:
+    """``ratio`` must be one of the split files' labeled["k"] keys and fit the method."""
+    from .registry import METHODS
+    from .splits import LABEL_RATIOS
+
+    if ratio not in LABEL_RATIOS:
+        raise ConfigError(f"unknown label ratio {ratio}; known: "
+                          + ", ".join(str(k) for k in LABEL_RATIOS) + " (k means 1/k labeled)")
+    fixed = getattr(METHODS.get(method), "fixed_ratio", None)
+    if fixed is not None and ratio != fixed:
+        raise ConfigError(f"method {method!r} trains at ratio {fixed} only, not {ratio}")
+
+
+def _set_threads(n: int | None) -> None:
+    if n:
+        import torch
+        torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------- verbs
+
+def cmd_names(registry_name: str) -> Callable:
+    def run(args) -> None:
+        from . import registry
+        for name in getattr(registry, registry_name).names():
+            print(name)
+    return run
+
+
+def cmd_data_step(step: str) -> Callable:
+    """obtain / verify / prepare: same arguments, one function each in semibench.obtain."""
+    def run(args) -> None:
+        from . import obtain as obtain_module
+
+        cfg = _workflow_config(args)
+        options = _dataset_options(cfg, args.dataset)
+        if args.workers and "workers" not in options:
+            options["workers"] = args.workers
+        result = getattr(obtain_module, step)(args.dataset, _data_dir(args, cfg), options)
+        print(result if isinstance(result, Path) else json.dumps(result, indent=1, default=str))
+    return run
+
+
+def cmd_split(args) -> None:
+    from .splits import write_split
+
+    cfg = _workflow_config(args)
+    _dataset_options(cfg, args.dataset)
+    out = args.out or Path(cfg.get("splits_dir", "results/splits")) / args.dataset / f"seed{args.seed}.json"
+    print(write_split(args.dataset, _data_dir(args, cfg), args.seed, Path(out)))
+
+
+def cmd_train(args) -> None:
+    from . import gpu
+    from .config import RunConfig
+    from .registry import DATASETS, METHODS
+
+    cfg = _workflow_config(args)
+    if args.data_dir:
+        cfg["data_dir"] = args.data_dir
+    DATASETS.get(args.dataset)  # unknown names -> ConfigError listing the known ones
+    METHODS.get(args.method)
+    check_ratio(args.method, args.ratio)
+    device = args.device or cfg.get("device", "auto")
+    run_cfg = RunConfig.from_workflow(cfg, args.dataset, args.method, args.ratio, args.seed, device)
+    out = Path(args.out or Path(cfg.get("runs_dir", "results/runs")) / args.dataset / args.method
+               / f"r{args.ratio}" / f"seed{args.seed}")
+    slot = gpu.claim_for(device)  # before torch touches CUDA; held until the process exits
+    _set_threads(args.threads)
+    from .engine import train
+    print(train(run_cfg, out))
+    del slot
+
+
+def cmd_evaluate(args) -> None:
+    from . import gpu
+
+    run_dir = Path(args.run)
+    config_file = run_dir / "config.json"
+    device = args.device
+    if device is None and config_file.exists():
+        device = json.loads(config_file.read_text()).get("device", "auto")
+    slot = gpu.claim_for(device or "auto")
+    _set_threads(args.threads)
+    from .evaluate import evaluate_run
+    result = evaluate_run(run_dir, device=args.device)
+    print(json.dumps({k: result[k] for k in ("pooled", "per_image_mean") if k in result}, indent=1))
+    del slot
+
+
+def cmd_report(args) -> None:
+    from .report.tables import write_table1
+
+    files = [Path(f) for f in args.metrics or []]
+    for pattern in args.runs or []:
+        files += sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+    if not files:
+        raise ConfigError("no metrics files given or matched (--metrics FILE ... or --runs GLOB)")
+    for path in write_table1(files, Path(args.out), convention=args.convention):
+        print(path)
+
+
+def cmd_gpu_slot(args) -> None:
+    from . import gpu
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    gpu.run_in_slot(cmd, wait=not args.no_wait, timeout=args.timeout)
+
+
+# ---------------------------------------------------------------- parser
+
+def _config_args(p: argparse.ArgumentParser, data_dir: bool = True) -> None:
+    p.add_argument("--config", action="append", metavar="FILE",
+                   help="workflow config file (YAML/JSON); repeat to merge several, later wins")
+    p.add_argument("--config-json", action="append", metavar="JSON",
+                   help="a workflow config fragment as JSON, merged after the files (repeatable)")
+    if data_dir:
+        p.add_argument("--data-dir", metavar="DIR", help="data directory (default: config data_dir or data/)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="semibench",
+        description="Benchmark of semi-supervised nuclei segmentation (CDCL and competitors). "
+                    "The Snakemake workflow calls these verbs; they also work by hand.")
+    parser.add_argument("--version", action="version", version=f"semibench {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = sub.add_parser("datasets", help="list the registered datasets, one per line")
+    p.set_defaults(func=cmd_names("DATASETS"))
+    p = sub.add_parser("methods", help="list the registered methods, one per line")
+    p.set_defaults(func=cmd_names("METHODS"))
+
+    for step, text in (("obtain", "find or download a dataset's archives; writes <data_dir>/raw/D/archives.json"),
+                       ("verify", "check a dataset's archives; writes <data_dir>/raw/D/verified.json"),
+                       ("prepare", "convert a dataset into the prepared format; writes <data_dir>/prepared/D/")):
+        p = sub.add_parser(step, help=text, description=text)
+        p.add_argument("--dataset", required=True, metavar="D")
+        _config_args(p)
+        p.add_argument("--workers", type=int, metavar="N",
+                       help="parallel processes, unless the dataset's config sets workers")
+        p.set_defaults(func=cmd_data_step(step))
+
+    p = sub.add_parser("split", help="write a dataset's train/val/test + labeled split for one seed")
+    p.add_argument("--dataset", required=True, metavar="D")
+    p.add_argument("--seed", required=True, type=int, metavar="S")
+    p.add_argument("--out", metavar="FILE", help="default: <splits_dir>/D/seed<S>.json")
+    _config_args(p)
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("train", help="train one run (dataset, method, label ratio, seed)")
+    _config_args(p)
+    p.add_argument("--dataset", required=True, metavar="D")
+    p.add_argument("--method", required=True, metavar="M")
+    p.add_argument("--ratio", required=True, type=int, metavar="K", help="1/K of the train samples labeled")
+    p.add_argument("--seed", required=True, type=int, metavar="S")
+    p.add_argument("--out", metavar="DIR", help="run directory (default: results/runs/D/M/rK/seedS)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: config device or auto)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a run's best checkpoint on the test set")
+    p.add_argument("--run", required=True, metavar="DIR", help="the run directory")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the run's device)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="write results/tables/table1.csv and table1.md from metrics files")
+    p.add_argument("--metrics", nargs="+", metavar="FILE", help="metrics.json files")
+    p.add_argument("--runs", action="append", metavar="GLOB",
+                   help="glob for metrics files, e.g. 'results/runs/**/metrics.json'")
+    p.add_argument("--out", default="results/tables", metavar="DIR")
+    p.add_argument("--convention", choices=("per_image_mean", "pooled"), default="per_image_mean",
+                   help="which metrics.json values to tabulate (default: per_image_mean)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("gpu-slot", help="run CMD holding a free GPU slot (sets CUDA_VISIBLE_DEVICES)",
+                       description="Lock a free GPU (flock in $SEMIBENCH_GPU_LOCK_DIR) and run CMD "
+                                   "with CUDA_VISIBLE_DEVICES set to it; the lock lasts as long as CMD.")
+    p.add_argument("--no-wait", action="store_true", help="fail at once when every slot is busy")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after waiting this long")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    p.set_defaults(func=cmd_gpu_slot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SemibenchError as e:
+        print(f"semibench: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("semibench: error: interrupted", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
