@@ -1,0 +1,18 @@
+# semibench: the CDCL paper's benchmark as a workflow.
+#   snakemake --cores all --resources gpu=4              # full grid (config/config.yaml)
+#   snakemake --cores 2 --configfile config/quick.yaml   # a few minutes on a CPU
+# Rules are thin: paths, resources and one `semibench <verb>` call each.
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/train.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        TABLES,
+    default_target: True

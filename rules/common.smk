@@ -1,0 +1,157 @@
+# Shared helpers: config validation, the run grid, paths and per-job config fragments.
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from semibench.config import RunConfig
+from semibench.errors import ConfigError
+from semibench.method import make_hparams
+from semibench.obtain import get_recipe
+from semibench.registry import DATASETS, METHODS
+from semibench.splits import LABEL_RATIOS
+
+
+def _schema_problem():
+    """The first schema violation in one line (Snakemake's own message dumps the schema)."""
+    import jsonschema
+
+    schema = json.loads((Path(workflow.basedir) / "config" / "schema.json").read_text())
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(schema).iter_errors(config)
+    )
+    if error is None:
+        return "config does not match config/schema.json"
+    where = ".".join(map(str, error.absolute_path)) or "top level"
+    return f"invalid config at {where}: {error.message}"
+
+
+try:
+    validate(config, "../config/schema.json")
+except WorkflowError:
+    sys.exit(f"semibench: error: {_schema_problem()}")
+
+DATA_DIR = config["data_dir"]
+SPLITS_DIR = config["splits_dir"]
+RUN_DIR = "results/runs/{dataset}/{method}/r{ratio}/seed{seed}"
+TABLES = ["results/tables/table1.csv", "results/tables/table1.md"]
+
+
+wildcard_constraints:
+    dataset=r"[A-Za-z0-9_.-]+",
+    method=r"[A-Za-z0-9_.-]+",
+    ratio=r"\d+",
+    seed=r"\d+",
+
+
+def _check_names(kind, names, registry, where):
+    known = registry.names()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(
+            f"unknown {kind}(s) {', '.join(map(repr, unknown))} in config {where}; "
+            f"known: {', '.join(known)}"
+        )
+
+
+def _ratios_for(method, ratios):
+    """A method with a fixed label ratio (fullsup: 1) runs at that ratio only."""
+    fixed = getattr(METHODS.get(method), "fixed_ratio", None)
+    return [fixed] if fixed is not None else list(ratios)
+
+
+def _section_runs(name):
+    section = config.get(name) or {}
+    if not section:
+        return []
+    methods = list(section["methods"])
+    if section.get("fullsup") and "fullsup" not in methods:
+        methods.append("fullsup")
+    _check_names("dataset", section["datasets"], DATASETS, f"{name}.datasets")
+    _check_names("method", methods, METHODS, f"{name}.methods")
+    bad = [k for k in section["ratios"] if k not in LABEL_RATIOS]
+    if bad:
+        raise ConfigError(
+            f"unknown label ratio(s) {', '.join(map(str, bad))} in config {name}.ratios; "
+            f"known: {', '.join(map(str, LABEL_RATIOS))} (k means 1/k labeled)"
+        )
+    return [
+        (d, m, k, s)
+        for d in section["datasets"]
+        for m in methods
+        for k in _ratios_for(m, section["ratios"])
+        for s in section["seeds"]
+    ]
+
+
+def _all_runs():
+    runs = []
+    for run in _section_runs("grid") + _section_runs("ablation"):
+        if run not in runs:
+            runs.append(run)
+    if not runs:
+        raise ConfigError("the config selects no runs (grid and ablation are empty)")
+    return runs
+
+
+def _check_params(runs):
+    """Fail the dry run on unknown train options, dataset options or method hyperparameters."""
+    RunConfig.from_workflow(config, *runs[0])  # checks the train keys
+    for dataset in dict.fromkeys(d for d, _, _, _ in runs):
+        get_recipe(dataset, (config.get("datasets") or {}).get(dataset))
+    overrides = config.get("method_params") or {}
+    _check_names("method", list(overrides), METHODS, "method_params")
+    for method in sorted({m for _, m, _, _ in runs}):
+        hparams = getattr(METHODS.get(method), "Hparams", None)
+        if dataclasses.is_dataclass(hparams):
+            make_hparams(hparams, overrides.get(method))
+
+
+try:
+    RUNS = _all_runs()
+    _check_params(RUNS)
+except ConfigError as e:  # one line, no traceback: it is the user's config, not our code
+    sys.exit(f"semibench: error: {e}")
+
+
+def run_dir(wildcards):
+    return RUN_DIR.format(**wildcards)
+
+
+def all_metrics():
+    return [
+        f"{RUN_DIR}/metrics.json".format(dataset=d, method=m, ratio=k, seed=s)
+        for d, m, k, s in RUNS
+    ]
+
+
+def dataset_config_json(wildcards):
+    """What obtain/verify/prepare of one dataset see (changing it reruns them)."""
+    options = (config.get("datasets") or {}).get(wildcards.dataset) or {}
+    return json.dumps(
+        {"data_dir": DATA_DIR, "datasets": {wildcards.dataset: options}}, sort_keys=True
+    )
+
+
+def run_config_json(wildcards):
+    """The exact config of one training run: the train section and this method's overrides
+    (so editing another method's overrides does not rerun this one)."""
+    params = (config.get("method_params") or {}).get(wildcards.method) or {}
+    return json.dumps(
+        {
+            "data_dir": DATA_DIR,
+            "splits_dir": SPLITS_DIR,
+            "device": config.get("device", "auto"),
+            "train": config["train"],
+            "method_params": {wildcards.method: params},
+        },
+        sort_keys=True,
+    )
+
+
+def threads_for(step, default):
+    return int((config.get("threads") or {}).get(step, default))

@@ -1,0 +1,44 @@
+# Training and evaluation: one GPU each (the job takes a free GPU id itself, semibench/gpu.py).
+
+
+rule train:
+    input:
+        split=f"{SPLITS_DIR}/{{dataset}}/seed{{seed}}.json",
+        data=f"{DATA_DIR}/prepared/{{dataset}}/manifest.json",
+    output:
+        best=f"{RUN_DIR}/best.pt",
+        done=f"{RUN_DIR}/train_done.json",
+    params:
+        cfg=run_config_json,
+        run_dir=run_dir,
+    log:
+        "logs/train/{dataset}/{method}/r{ratio}/seed{seed}.log",
+    threads: threads_for("train", 4)
+    resources:
+        gpu=1,
+    conda:
+        "../envs/semibench.yaml"
+    shell:
+        "semibench train --config-json {params.cfg:q} --dataset {wildcards.dataset}"
+        " --method {wildcards.method} --ratio {wildcards.ratio} --seed {wildcards.seed}"
+        " --out {params.run_dir:q} --threads {threads} > {log:q} 2>&1"
+
+
+rule evaluate:
+    input:
+        best=f"{RUN_DIR}/best.pt",
+        done=f"{RUN_DIR}/train_done.json",
+    output:
+        metrics=f"{RUN_DIR}/metrics.json",
+        per_image=f"{RUN_DIR}/per_image.csv",
+    params:
+        run_dir=run_dir,
+    log:
+        "logs/evaluate/{dataset}/{method}/r{ratio}/seed{seed}.log",
+    threads: threads_for("evaluate", 2)
+    resources:
+        gpu=1,
+    conda:
+        "../envs/semibench.yaml"
+    shell:
+        "semibench evaluate --run {params.run_dir:q} --threads {threads} > {log:q} 2>&1"

@@ -1,0 +1,205 @@
+"""The Snakemake workflow: lint, the paper grid's dry run, config errors at dry run, and (marker
+``workflow``) the quick workflow end to end in a temporary working copy, checked against the
+metrics files it produced."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from semibench.registry import DATASETS, METHODS
+from semibench.report.tables import METRICS, read_table1
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOW_FILES = ("Snakefile", "rules", "config", "profiles", "envs")
+
+
+def snakemake(*args, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    # the rules call `semibench`: the one installed beside this interpreter
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    for var in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID"):
+        env.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    """A working copy of the workflow (no data, no results)."""
+    for name in WORKFLOW_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, tmp_path / name)
+        else:
+            shutil.copy2(src, tmp_path / name)
+    return tmp_path
+
+
+def job_counts(output: str) -> dict[str, int]:
+    table = output.split("Job stats:", 1)[1]
+    return {m.group(1): int(m.group(2))
+            for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, flags=re.M)}
+
+
+def test_lint_is_clean(workdir):
+    out = snakemake("--lint", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    assert "Congratulations, your workflow is in a good condition!" in out.stdout + out.stderr
+    assert "Lints for" not in out.stdout + out.stderr
+
+
+def test_paper_grid_dry_run(workdir):
+    out = snakemake("-n", "--cores", "all", "--resources", "gpu=4", cwd=workdir)
+    assert out.returncode == 0, out.stderr
+    counts = job_counts(out.stdout + out.stderr)
+    # Table 1: 2 datasets x (3 methods x 3 ratios + fullsup at 1) x 3 seeds = 60;
+    # Table 2: dsb2018 x 6 schemes x 3 ratios x 3 seeds = 54
+    assert counts["train"] == counts["evaluate"] == 60 + 54
+    assert counts["obtain"] == counts["verify"] == counts["prepare"] == 2
+    assert counts["split"] == 2 * 3
+    assert counts["report"] == counts["all"] == 1
+    text = out.stdout + out.stderr
+    assert "results/runs/monuseg/fullsup/r1/seed2/best.pt" in text
+    assert "results/runs/dsb2018/cdcl-scheme6/r32/seed0/metrics.json" in text
+    assert "results/runs/monuseg/cdcl-scheme1" not in text  # ablation is DSB only
+    assert "results/runs/dsb2018/suponly/r1/" not in text  # only fullsup runs at ratio 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("grid: {datasets: [kaggle]}",
+     "unknown dataset(s) 'kaggle' in config grid.datasets; known: {datasets}"),
+    ("ablation: {methods: [cdcl-scheme9]}",
+     "unknown method(s) 'cdcl-scheme9' in config ablation.methods; known: {methods}"),
+    ("grid: {ratios: [8, 4]}",
+     "unknown label ratio(s) 4 in config grid.ratios; known: 32, 16, 8, 1 (k means 1/k labeled)"),
+    ("method_params: {meanteacher: {no_such_option: 1}}",
+     "unknown hyperparameter(s) for "),
+    ("grid: {datasets: [synthetic]}\ndatasets: {synthetic: {colour: red}}",
+     "datasets.synthetic: unknown key(s) colour; known: "),
+    ("train: {epochz: 3}",  # the schema: no unknown train options
+     "invalid config at train: Additional properties are not allowed ('epochz' was unexpected)"),
+    ("gird: {seeds: [0]}",  # the schema: no unknown top-level keys
+     "invalid config at top level: Additional properties are not allowed ('gird' was unexpected)"),
+])
+def test_bad_config_stops_the_dry_run(workdir, override, message):
+    (workdir / "bad.yaml").write_text(override + "\n")
+    out = snakemake("-n", "--cores", "1", "--configfile", "bad.yaml", cwd=workdir)
+    assert out.returncode != 0
+    expected = "semibench: error: " + message.format(datasets=", ".join(DATASETS.names()),
+                                                     methods=", ".join(METHODS.names()))
+    lines = [line for line in out.stderr.splitlines() if line.startswith("semibench: error:")]
+    assert len(lines) == 1 and lines[0].startswith(expected), out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.workflow
+@pytest.mark.timeout(900)
+def test_quick_workflow_end_to_end(workdir):
+    t0 = time.monotonic()
+    out = snakemake("--cores", "2", "--configfile", "config/quick.yaml", cwd=workdir, timeout=900)
+    wall = time.monotonic() - t0
+    print(f"quick workflow wall time: {wall:.0f} s")
+    assert out.returncode == 0, out.stderr[-5000:]
+
+    import yaml
+    from semibench.config import deep_merge
+    cfg = deep_merge(yaml.safe_load((workdir / "config/config.yaml").read_text()),
+                     yaml.safe_load((workdir / "config/quick.yaml").read_text()))
+    runs = [(d, m, k, s) for d in cfg["grid"]["datasets"] for m in cfg["grid"]["methods"]
+            for k in cfg["grid"]["ratios"] for s in cfg["grid"]["seeds"]]
+    runs += [(d, "fullsup", 1, s) for d in cfg["grid"]["datasets"] for s in cfg["grid"]["seeds"]]
+    runs += [(d, m, k, s) for d in cfg["ablation"]["datasets"] for m in cfg["ablation"]["methods"]
+             for k in cfg["ablation"]["ratios"] for s in cfg["ablation"]["seeds"]]
+    assert len(cfg["grid"]["seeds"]) >= 2 and "fullsup" not in cfg["grid"]["methods"]
+
+    # every run has its files and logs; metrics carry the run's coordinates
+    metrics = {}
+    for d, m, k, s in runs:
+        run = workdir / f"results/runs/{d}/{m}/r{k}/seed{s}"
+        for name in ("best.pt", "train_done.json", "metrics.json", "per_image.csv", "config.json"):
+            assert (run / name).is_file(), run / name
+        assert (workdir / f"logs/train/{d}/{m}/r{k}/seed{s}.log").is_file()
+        assert (workdir / f"logs/evaluate/{d}/{m}/r{k}/seed{s}.log").is_file()
+        doc = json.loads((run / "metrics.json").read_text())
+        assert (doc["meta"]["dataset"], doc["meta"]["method"], doc["meta"]["ratio"],
+                doc["meta"]["seed"]) == (d, m, k, s)
+        # the run saw exactly the merged workflow config
+        assert doc["meta"]["config"]["train"] == cfg["train"]
+        metrics[(d, m, k, s)] = doc["per_image_mean"]
+
+    # the table: one row per dataset x ratio x method x metric, values from the metrics files
+    rows = read_table1(workdir / "results/tables/table1.csv")
+    cells = {(d, k, m) for d, m, k, _ in runs}
+    assert len(rows) == len(cells) * len(METRICS)
+    for r in rows:
+        xs = [v[r["metric"]] for (d, m, k, s), v in metrics.items()
+              if (d, m, k) == (r["dataset"], r["method"], r["ratio"])]
+        assert r["n_seeds"] == len(xs) == len(cfg["grid"]["seeds"])
+        assert r["mean"] == pytest.approx(statistics.fmean(xs), abs=1e-12)
+        assert r["std"] == pytest.approx(statistics.stdev(xs), abs=1e-12)
+        assert 0.0 <= r["mean"] <= 1.0 and not math.isnan(r["std"])
+    assert "| 1/1 | fullsup |" in (workdir / "results/tables/table1.md").read_text()
+
+    # nothing left to do: the workflow is complete and consistent
+    again = snakemake("-n", "--cores", "2", "--configfile", "config/quick.yaml", cwd=workdir)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+def _readme_block(title: str) -> str:
+    """The single command in the first ```bash block after the heading ``## <title>``."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split(f"## {title}", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    assert "\n" not in block, "one command, one line"
+    return block
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    command = _readme_block("Tests (one command)")
+    assert command.endswith("&& pytest")
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert command in ci
+    assert os.access(ROOT / ".ci" / "run", os.X_OK)
+    quick = _readme_block("Quick start (one command)")
+    assert quick.endswith("snakemake --cores 2 --configfile config/quick.yaml")
+    assert quick.split(" && snakemake")[0] == command.split(" && pytest")[0].replace("'.[dev]'", ".")
+
+
+def _slurm_answers() -> bool:
+    if not (shutil.which("sbatch") and shutil.which("sinfo")):
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and any(s.rstrip("*~#") in ("idle", "mixed", "allocated")
+                                       for s in out.stdout.split())
+
+
+@pytest.mark.workflow
+@pytest.mark.timeout(1800)
+@pytest.mark.skipif(not _slurm_answers(),
+                    reason="no SLURM cluster answers (a local one: bash tests/local_slurm.sh start)")
+def test_quick_workflow_on_slurm(workdir):
+    """profiles/slurm as shipped; squeue for job states (a test cluster has no accounting)."""
+    out = snakemake("--profile", "profiles/slurm", "--configfile", "config/quick.yaml",
+                    "--slurm-status-command", "squeue",
+                    "--slurm-init-seconds-before-status-checks", "5", cwd=workdir, timeout=1800)
+    assert out.returncode == 0, out.stderr[-5000:]
+    # the heavy rules ran as SLURM jobs, obtain and report (localrules) on this host
+    submitted = re.findall(r"has been submitted with SLURM jobid \d+ \(log: \S*/rule_(\w+)/",
+                           out.stdout + out.stderr)
+    assert {r: submitted.count(r) for r in set(submitted)} == \
+        {"verify": 1, "prepare": 1, "split": 2, "train": 10, "evaluate": 10}
+    rows = read_table1(workdir / "results/tables/table1.csv")
+    assert len(rows) == 5 * len(METRICS) and all(r["n_seeds"] == 2 for r in rows)
