@@ -28,13 +28,14 @@ the kind it wants in ``Method.unlabeled_views``:
   before photometric changes.
 
 The paper gives no magnitudes; the defaults in :class:`AugmentConfig` are our choice (SimCLR's
-colour strengths, a mild crop) and are documented there.
+colour strengths, a mild crop) and are documented there. A run's config overrides any of them
+under ``train.augment`` (:func:`augment_config` checks the values).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,44 @@ class AugmentConfig:
     labeled_photometric: bool = True  # labeled images get all six augmentations
     two_crop_frac: float = 0.7  # crop side / image side, rounded down to a multiple of 32
     two_crop_min_overlap: float = 0.3  # minimal overlap per axis, as a fraction of the crop side
+
+
+_PROBABILITIES = {"hflip_p", "vflip_p", "jitter_p", "grey_p", "blur_p"}
+_RANGES = {"crop_scale": (0.0, 1.0), "blur_sigma": (0.0, math.inf)}  # (lo, hi) pairs and their bounds
+_FRACTIONS = {"two_crop_frac", "two_crop_min_overlap", "hue"}
+
+
+def augment_config(overrides: Mapping[str, Any] | None = None) -> AugmentConfig:
+    """:class:`AugmentConfig` with ``overrides`` (the config's ``train.augment``) applied and
+    checked: unknown names, probabilities outside [0, 1] and reversed ranges are refused."""
+    overrides = dict(overrides or {})
+    known = {f.name: f for f in fields(AugmentConfig)}
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown train.augment option(s): {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
+    values: dict[str, Any] = {}
+    for name, v in overrides.items():
+        where = f"train.augment.{name}"
+        if name == "labeled_photometric":
+            if not isinstance(v, bool):
+                raise ConfigError(f"{where} must be true or false, got {v!r}")
+        elif name in _RANGES:
+            if (not isinstance(v, (list, tuple)) or len(v) != 2
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+                raise ConfigError(f"{where} must be a pair [low, high] of numbers, got {v!r}")
+            lo_bound, hi_bound = _RANGES[name]
+            v = (float(v[0]), float(v[1]))
+            if not lo_bound < v[0] <= v[1] <= hi_bound:
+                raise ConfigError(f"{where} must satisfy {lo_bound:g} < low <= high <= {hi_bound:g}, got {list(v)}")
+        else:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"{where} must be a number >= 0, got {v!r}")
+            v = float(v)
+            if (name in _PROBABILITIES or name in _FRACTIONS) and v > 1:
+                raise ConfigError(f"{where} must be at most 1, got {v:g}")
+        values[name] = v
+    return replace(AugmentConfig(), **values)
 
 
 # ---------------------------------------------------------------------------- geometric

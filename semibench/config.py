@@ -68,6 +68,8 @@ class TrainConfig:
     iters_per_epoch: int | None = None  # None: one pass over the unlabeled set
     eval_batch_size: int = 8
     deterministic: bool = True
+    # overrides of semibench.augment.AugmentConfig (the paper gives no magnitudes; ours are there)
+    augment: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,6 +92,8 @@ class RunConfig:
         unknown = sorted(set(train_cfg) - train_keys)
         if unknown:
             raise ConfigError(f"unknown train option(s): {', '.join(unknown)}; known: {', '.join(sorted(train_keys))}")
+        from .augment import augment_config  # checks train.augment at dry run; imports torch
+        augment_config(train_cfg.get("augment"))
         params = dict((cfg.get("method_params") or {}).get(method, {}) or {})
         return cls(dataset=dataset, method=method, ratio=int(ratio), seed=int(seed),
                    data_dir=str(cfg.get("data_dir", "data")),

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 import semibench
 
-from .augment import AugmentConfig, augment_labeled, make_views, normalise, to_float
+from .augment import AugmentConfig, augment_config, augment_labeled, make_views, normalise, to_float
 from .config import RunConfig
 from .data import (BatchSchedule, ImageSet, TrainData, derive_seed, iterations_per_epoch,
                    load_train_data, make_generator)
@@ -218,9 +218,10 @@ class Trainer:
     benchmarks can drive single steps."""
 
     def __init__(self, cfg: RunConfig, out_dir: Path, data: TrainData | None = None,
-                 aug: AugmentConfig = AugmentConfig()):
-        self.cfg, self.out_dir, self.aug = cfg, Path(out_dir), aug
+                 aug: AugmentConfig | None = None):
+        self.cfg, self.out_dir = cfg, Path(out_dir)
         t = cfg.train
+        self.aug = aug if aug is not None else augment_config(t.augment)
         for name in ("epochs", "batch_labeled", "batch_unlabeled", "input_size", "eval_batch_size"):
             if getattr(t, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")

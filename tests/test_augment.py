@@ -199,3 +199,23 @@ def test_generator_helper_is_stable():
     b = torch.rand(3, generator=make_generator(0, 13, 2, 5))
     c = torch.rand(3, generator=make_generator(0, 13, 2, 6))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_augment_config_applies_overrides_and_refuses_bad_values():
+    from semibench.augment import augment_config
+    assert augment_config(None) == AugmentConfig() == augment_config({})
+    cfg = augment_config({"rotation_deg": 0, "crop_scale": [1, 1], "hflip_p": 1, "labeled_photometric": False})
+    assert cfg == replace(AugmentConfig(), rotation_deg=0.0, crop_scale=(1.0, 1.0), hflip_p=1.0,
+                          labeled_photometric=False)
+    assert isinstance(cfg.crop_scale, tuple)  # lists from YAML become the dataclass's tuples
+    with pytest.raises(ConfigError, match=r"unknown train.augment option\(s\): rotaton; known: blur_p, "):
+        augment_config({"rotaton": 5})
+    for bad, msg in [({"hflip_p": 1.5}, "hflip_p must be at most 1"),
+                     ({"brightness": -0.1}, "brightness must be a number >= 0"),
+                     ({"brightness": True}, "brightness must be a number >= 0"),
+                     ({"crop_scale": [0.9, 0.5]}, r"crop_scale must satisfy 0 < low <= high <= 1"),
+                     ({"crop_scale": [0, 1]}, r"crop_scale must satisfy"),
+                     ({"blur_sigma": 2.0}, r"blur_sigma must be a pair \[low, high\]"),
+                     ({"labeled_photometric": 0}, "labeled_photometric must be true or false")]:
+        with pytest.raises(ConfigError, match=msg):
+            augment_config(bad)

@@ -204,6 +204,30 @@ def test_epoch_length_of_labeled_only_methods(toy_root, tmp_path, local_methods)
         Trainer(toy_config(toy_root, "_test_mt", ratio=1), tmp_path)
 
 
+def test_train_augment_config_reaches_the_labeled_pipeline(toy_root, tmp_path, local_methods):
+    # every transform switched off through the run config: a labeled batch is the normalised images
+    off = {"hflip_p": 0, "vflip_p": 0, "crop_scale": [1, 1], "rotation_deg": 0, "labeled_photometric": False}
+    tr = Trainer(toy_config(toy_root, "_test_sup", ratio=4, augment=off), tmp_path)
+    assert tr.aug.rotation_deg == 0.0 and tr.aug.crop_scale == (1.0, 1.0) and not tr.aug.labeled_photometric
+    from semibench.augment import augment_labeled, normalise, to_float
+    lab = tr.data.labeled
+    x, y = augment_labeled(lab.images, lab.masks, torch.Generator().manual_seed(0), tr.aug)
+    torch.testing.assert_close(x, normalise(to_float(lab.images)), atol=1e-5, rtol=0)
+    assert torch.equal(y, lab.masks.long())
+    # the defaults do change the batch, and a bad value fails before any data is read
+    x_default, _ = augment_labeled(lab.images, lab.masks, torch.Generator().manual_seed(0),
+                                   Trainer(toy_config(toy_root, "_test_sup", ratio=4), tmp_path).aug)
+    assert not torch.allclose(x_default, x, atol=1e-3)
+    with pytest.raises(ConfigError, match="train.augment.grey_p must be at most 1"):
+        Trainer(toy_config(toy_root, "_test_sup", ratio=4, augment={"grey_p": 2}), tmp_path)
+    # a checkpoint written under other magnitudes is not resumed
+    diff = config_differences(toy_config(toy_root, "_test_sup").fingerprint_items(),
+                              toy_config(toy_root, "_test_sup", augment={"rotation_deg": 0}).fingerprint_items())
+    assert diff == ["train.augment ({} → {'rotation_deg': 0})"]
+    with pytest.raises(ConfigError, match="unknown train.augment option"):
+        RunConfig.from_workflow({"train": {"augment": {"rotate": 1}}}, "toy", "_test_sup", 4, 0)
+
+
 # ---------------------------------------------------------------------------- whole runs
 
 def test_run_writes_all_outputs(toy_root, tmp_path, local_methods):
