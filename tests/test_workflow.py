@@ -88,6 +88,8 @@ def test_paper_grid_dry_run(workdir):
      "datasets.synthetic: unknown key(s) colour; known: "),
     ("train: {epochz: 3}",  # the schema: no unknown train options
      "invalid config at train: Additional properties are not allowed ('epochz' was unexpected)"),
+    ("train: {augment: {hflip_p: 2}}",  # the schema checks augmentation magnitudes too
+     "invalid config at train.augment.hflip_p: 2 is greater than the maximum of 1"),
     ("gird: {seeds: [0]}",  # the schema: no unknown top-level keys
      "invalid config at top level: Additional properties are not allowed ('gird' was unexpected)"),
 ])
