@@ -7,11 +7,16 @@ The kernel drops the lock when the process ends, however it ends (SIGKILL includ
 job never leaves a GPU reserved. The chosen id goes into ``CUDA_VISIBLE_DEVICES`` before CUDA
 initialises; the job then sees it as ``cuda:0``.
 
+A big GPU is mostly idle under one job of the paper's batch (8 + 8): ``SEMIBENCH_JOBS_PER_GPU=k``
+gives each GPU k slots (lock files ``gpu<id>.lock``, ``gpu<id>.1.lock`` …), filled across GPUs
+first; run Snakemake with ``--resources gpu=<GPUs × k>`` then.
+
 Under SLURM the scheduler already assigned the GPU(s): nothing is locked.
 Without GPUs nothing happens and the job runs on the CPU.
 
 Environment:
 - ``SEMIBENCH_NUM_GPUS``: the number of GPUs (overrides detection; ``0`` disables slots);
+- ``SEMIBENCH_JOBS_PER_GPU``: slots per GPU (default 1);
 - ``SEMIBENCH_GPU_LOCK_DIR``: the lock directory (default ``<tmp>/semibench-gpu-locks``, shared
   by all users of the machine, so that their jobs do not collide either).
 """
@@ -80,6 +85,23 @@ def candidate_ids() -> list[str]:
     return [str(i) for i in range(_count_gpus())]
 
 
+def jobs_per_gpu() -> int:
+    env = os.environ.get("SEMIBENCH_JOBS_PER_GPU", "1")
+    try:
+        k = int(env)
+    except ValueError:
+        raise GpuSlotError(f"SEMIBENCH_JOBS_PER_GPU must be an integer, got {env!r}") from None
+    if k < 1:
+        raise GpuSlotError(f"SEMIBENCH_JOBS_PER_GPU must be >= 1, got {k}")
+    return k
+
+
+def slot_files(ids: list[str], per_gpu: int) -> list[tuple[str, str]]:
+    """(gpu id, lock file name) of every slot, in the order they are tried: each GPU's first
+    slot, then each GPU's second, … so jobs spread over the GPUs before they share one."""
+    return [(g, f"gpu{g}.lock" if k == 0 else f"gpu{g}.{k}.lock") for k in range(per_gpu) for g in ids]
+
+
 def under_slurm() -> bool:
     """True when SLURM assigned this job its GPUs (then it owns them: no lock needed)."""
     return bool(os.environ.get("SLURM_JOB_ID")) and bool(
@@ -146,7 +168,7 @@ def _ensure_dir(d: Path) -> None:
 
 def acquire(ids: list[str] | None = None, wait: bool = True, timeout: float | None = None,
             poll: float = 0.5, directory: Path | None = None) -> GpuSlot | None:
-    """Lock the first free GPU among ``ids`` (default :func:`candidate_ids`).
+    """Lock the first free slot of the GPUs ``ids`` (default :func:`candidate_ids`; see :func:`slot_files`).
 
     Returns None when there is no GPU. When all are busy: wait (polling) until one is free, or
     raise :class:`GpuSlotError` at once (``wait=False``) or after ``timeout`` seconds.
@@ -154,22 +176,23 @@ def acquire(ids: list[str] | None = None, wait: bool = True, timeout: float | No
     ids = candidate_ids() if ids is None else ids
     if not ids:
         return None
+    slots = slot_files(ids, jobs_per_gpu())
     d = directory or lock_dir()
     _ensure_dir(d)
     start = time.monotonic()
     told = False
     while True:
-        for gpu_id in ids:
-            path = d / f"gpu{gpu_id}.lock"
+        for gpu_id, name in slots:
+            path = d / name
             fd = _try_lock(path)
             if fd is not None:
                 return GpuSlot(gpu_id=gpu_id, path=path, fd=fd)
         waited = time.monotonic() - start
         if not wait or (timeout is not None and waited >= timeout):
-            raise GpuSlotError(f"all {len(ids)} GPU slot(s) are busy (locks in {d})"
+            raise GpuSlotError(f"all {len(slots)} GPU slot(s) are busy (locks in {d})"
                                + (f" after waiting {waited:.0f}s" if wait else ""))
         if not told:
-            print(f"semibench: all {len(ids)} GPU slot(s) busy, waiting for one (locks in {d})",
+            print(f"semibench: all {len(slots)} GPU slot(s) busy, waiting for one (locks in {d})",
                   file=sys.stderr, flush=True)
             told = True
         time.sleep(poll)

@@ -147,3 +147,27 @@ def test_bad_gpu_count(env, monkeypatch):
     monkeypatch.setenv("SEMIBENCH_NUM_GPUS", "four")
     with pytest.raises(gpu.GpuSlotError, match="SEMIBENCH_NUM_GPUS must be an integer"):
         gpu.candidate_ids()
+
+
+def test_jobs_per_gpu_spread_over_gpus_before_sharing(env, monkeypatch):
+    monkeypatch.setenv("SEMIBENCH_JOBS_PER_GPU", "2")
+    assert gpu.slot_files(["0", "1"], 2) == [("0", "gpu0.lock"), ("1", "gpu1.lock"),
+                                             ("0", "gpu0.1.lock"), ("1", "gpu1.1.lock")]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    held = [gpu.acquire(wait=False) for _ in range(4)]
+    try:
+        assert [s.gpu_id for s in held] == ["0", "1", "0", "1"]
+        assert len({s.path for s in held}) == 4
+        with pytest.raises(gpu.GpuSlotError, match=r"all 4 GPU slot\(s\) are busy"):
+            gpu.acquire(wait=False)
+        held[2].release()  # GPU 0's second slot frees; the next job shares GPU 0
+        again = gpu.acquire(wait=False)
+        assert (again.gpu_id, again.path.name) == ("0", "gpu0.1.lock")
+        again.release()
+    finally:
+        for s in held:
+            s.release()
+    for bad, msg in [("two", "must be an integer"), ("0", "must be >= 1")]:
+        monkeypatch.setenv("SEMIBENCH_JOBS_PER_GPU", bad)
+        with pytest.raises(gpu.GpuSlotError, match=f"SEMIBENCH_JOBS_PER_GPU {msg}"):
+            gpu.acquire(wait=False)
