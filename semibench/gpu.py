@@ -45,17 +45,25 @@ def lock_dir() -> Path:
                 or Path(tempfile.gettempdir()) / "semibench-gpu-locks")
 
 
+def _env_int(name: str, minimum: int) -> int | None:
+    """The integer in environment variable ``name`` (None when unset), at least ``minimum``."""
+    env = os.environ.get(name)
+    if env is None:
+        return None
+    try:
+        n = int(env)
+    except ValueError:
+        raise GpuSlotError(f"{name} must be an integer, got {env!r}") from None
+    if n < minimum:
+        raise GpuSlotError(f"{name} must be >= {minimum}, got {n}")
+    return n
+
+
 def _count_gpus() -> int:
     """Number of GPUs without initialising CUDA in this process (CUDA_VISIBLE_DEVICES must still
     be settable afterwards)."""
-    env = os.environ.get("SEMIBENCH_NUM_GPUS")
-    if env is not None:
-        try:
-            n = int(env)
-        except ValueError:
-            raise GpuSlotError(f"SEMIBENCH_NUM_GPUS must be an integer, got {env!r}") from None
-        if n < 0:
-            raise GpuSlotError(f"SEMIBENCH_NUM_GPUS must be >= 0, got {n}")
+    n = _env_int("SEMIBENCH_NUM_GPUS", 0)
+    if n is not None:
         return n
     if shutil.which("nvidia-smi"):
         try:
@@ -86,14 +94,8 @@ def candidate_ids() -> list[str]:
 
 
 def jobs_per_gpu() -> int:
-    env = os.environ.get("SEMIBENCH_JOBS_PER_GPU", "1")
-    try:
-        k = int(env)
-    except ValueError:
-        raise GpuSlotError(f"SEMIBENCH_JOBS_PER_GPU must be an integer, got {env!r}") from None
-    if k < 1:
-        raise GpuSlotError(f"SEMIBENCH_JOBS_PER_GPU must be >= 1, got {k}")
-    return k
+    k = _env_int("SEMIBENCH_JOBS_PER_GPU", 1)
+    return 1 if k is None else k
 
 
 def slot_files(ids: list[str], per_gpu: int) -> list[tuple[str, str]]:
