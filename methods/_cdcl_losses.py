@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from semibench.errors import ConfigError
+from semibench.losses import cross_entropy
 
 BDP, FDP, MP = 0, 1, 2  # background- / foreground-dominant patch, mixed patch
 
@@ -247,7 +248,7 @@ def contrastive_loss(q: torch.Tensor, k_pos: torch.Tensor, q_labels: torch.Tenso
 def consistency_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """L_cons (eq. 13–14): cross-entropy of the student's logits on the strong view against the
     teacher's pseudo labels ỹ^t = argmax of its prediction on the weak view, mean over pixels."""
-    return F.cross_entropy(student_logits.float(), pseudo_labels(teacher_logits))
+    return cross_entropy(student_logits, pseudo_labels(teacher_logits))
 
 
 def entropy_loss(student_logits: torch.Tensor) -> torch.Tensor:

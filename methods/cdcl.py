@@ -44,9 +44,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from semibench.errors import ConfigError, TrainingError
+from semibench.losses import cross_entropy
 from semibench.method import Batch, Method, MethodContext, StepInfo
 from semibench.registry import register_method
 from semibench.schedules import gaussian_rampup
@@ -121,7 +121,7 @@ class CDCL(Method):
         hp, sc = self.hp, self.scheme
         self.teacher.train(False)  # a teacher predicts as at test time, whatever its parent's mode
         out_l = self.student(batch.labeled_image, project=False)
-        L_sup = F.cross_entropy(out_l.logits.float(), batch.labeled_mask)
+        L_sup = cross_entropy(out_l.logits, batch.labeled_mask)
         zero = L_sup.new_zeros(())
         L_contr = L_cons = L_ent = zero
         if step.unsup_active and (sc.contr or sc.cons or sc.ent):

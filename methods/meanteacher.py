@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from semibench.errors import ConfigError, TrainingError
+from semibench.losses import softmax_mse, supervised_loss
 from semibench.method import Batch, Method, MethodContext, StepInfo
-from semibench.methods.suponly import supervised_loss
 from semibench.registry import register_method
 from semibench.schedules import gaussian_rampup
 
@@ -36,13 +35,6 @@ class MeanTeacherHparams:
     def __post_init__(self):
         if self.consistency < 0 or self.rampup < 0:
             raise ConfigError(f"meanteacher: consistency and rampup must be >= 0, got {self}")
-
-
-def softmax_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference of the class probabilities; no gradient into the teacher."""
-    p_s = torch.softmax(student_logits.float(), dim=1)
-    p_t = torch.softmax(teacher_logits.detach().float(), dim=1)
-    return F.mse_loss(p_s, p_t)
 
 
 @register_method("meanteacher")

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
+from semibench.losses import supervised_loss
 from semibench.method import Batch, Method, MethodContext, StepInfo
 from semibench.registry import register_method
 
@@ -15,12 +15,6 @@ from semibench.registry import register_method
 @dataclass
 class SupOnlyHparams:
     """No hyperparameters: the optimiser and schedule are the engine's (paper Sec. 4.1)."""
-
-
-def supervised_loss(student: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Pixel-wise cross-entropy of the student on the labeled batch (float32 under AMP)."""
-    logits = student(batch.labeled_image, project=False).logits
-    return F.cross_entropy(logits.float(), batch.labeled_mask)
 
 
 @register_method("suponly")
