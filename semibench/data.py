@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import ConfigError, DataError
-from .prepared import PreparedDataset
+from .prepared import PreparedDataset, Sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -120,6 +120,19 @@ class TrainData:
     unlabeled: ImageSet  # empty when the method uses labeled data only (ids still listed)
     val: ImageSet
     unlabeled_ids: list[str]
+    # the val samples at their original size: model selection scores them exactly as the test
+    # set is scored (semibench.evaluate.predict_counts), not at the input size
+    val_samples: list[Sample] = field(default_factory=list)
+
+
+class SampleCache:
+    """A :class:`PreparedDataset` look-alike (``load(id)``) over samples kept in memory."""
+
+    def __init__(self, samples: list[Sample]):
+        self.by_id = {s.id: s for s in samples}
+
+    def load(self, id: str) -> Sample:
+        return self.by_id[id]
 
 
 def split_ids(split: dict, ratio: int) -> tuple[list[str], list[str], list[str]]:
@@ -146,6 +159,7 @@ def load_train_data(data_dir: str | Path, splits_dir: str | Path, dataset: str, 
         unlabeled=load_image_set(prepared, unlab if with_unlabeled else [], size, "unlabeled"),
         val=load_image_set(prepared, val, size, "val"),
         unlabeled_ids=unlab,
+        val_samples=[prepared.load(i) for i in val],
     )
 
 

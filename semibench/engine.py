@@ -4,7 +4,8 @@
 
 - ``config.json``: the run config (``RunConfig.to_dict()``);
 - ``train.jsonl``: one JSON line per logging interval (``"event": "train"``) and per epoch
-  (``"event": "epoch"``, with the validation dice); losses, lr, img/s, peak memory (MB; CUDA
+  (``"event": "epoch"``, with ``val_dice``: the per-image mean Dice over the val samples at their
+  original size, the table's convention and the model selection score); losses, lr, img/s, peak memory (MB; CUDA
   ``max_memory_allocated``, or the process's peak RSS on the CPU);
 - ``checkpoint.pt`` after every epoch: method state (students *and* teachers), every optimiser,
   the AMP scaler, the epoch, the best so far and the config fingerprint. A later ``train`` on the
@@ -25,7 +26,6 @@ feature bank, a counter) must keep it in its ``state_dict`` (buffers or ``get_ex
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -47,19 +47,22 @@ from tqdm import tqdm
 
 import semibench
 
-from .augment import AugmentConfig, augment_config, augment_labeled, make_views, normalise, to_float
+from .augment import AugmentConfig, augment_config, augment_labeled, make_views
 from .config import RunConfig
-from .data import (BatchSchedule, ImageSet, TrainData, derive_seed, iterations_per_epoch,
+from .data import (BatchSchedule, SampleCache, TrainData, derive_seed, iterations_per_epoch,
                    load_train_data, make_generator)
 from .device import device_name, resolve_device
 from .ema import ema_update, make_teacher
 from .errors import ConfigError, TrainingError
 from .method import Batch, Method, MethodContext, StepInfo, make_hparams
-from .metrics import confusion, scores
+from .metrics import Counts, per_image_mean
+from .prepared import PreparedDataset
 from .registry import METHODS
 from .schedules import poly_lr
 
+MODEL_SELECTION = "val per-image mean dice at the original size (Trainer.validate)"
 LOG_EVERY = 25  # iterations between "train" lines in train.jsonl
+LOSS_PREFIX = "loss/"  # "loss/<optimiser name>": a loss stepped by that optimiser only
 CHECKPOINT_FORMAT = 1
 STREAM_INIT, STREAM_EPOCH, STREAM_AUG = 11, 12, 13  # random streams (see data.STREAM_*)
 
@@ -171,7 +174,8 @@ class EngineContext(MethodContext):
     def __init__(self, cfg: RunConfig, device: torch.device):
         self.cfg, self.device = cfg, device
         self.segmenters: list[nn.Module] = []
-        self.optimizers: list[torch.optim.Optimizer] = []
+        self.optimizers: list[torch.optim.Optimizer] = []  # registration order
+        self.optimizer_names: list[str] = []  # the same order; checkpoints key optimisers by name
         self.emas: list[tuple[nn.Module, nn.Module, float]] = []  # (student, teacher, alpha)
 
     def build_segmenter(self) -> nn.Module:
@@ -186,12 +190,55 @@ class EngineContext(MethodContext):
         self.emas.append((module, teacher, self.cfg.train.ema_alpha if alpha is None else float(alpha)))
         return teacher
 
-    def add_optimizer(self, params) -> torch.optim.Optimizer:
-        opt = torch.optim.Adam(params, lr=self.cfg.train.lr)
+    def add_optimizer(self, params, name: str = "main", **adam_options) -> torch.optim.Optimizer:
+        """An Adam optimiser named ``name`` over ``params``, poly-scheduled from its own initial
+        lr (``lr`` in ``adam_options``, default the run's ``train.lr``), stepped and checkpointed
+        by the engine. ``adam_options`` are ``torch.optim.Adam``'s (lr, betas, eps,
+        weight_decay, ...). Names are unique, and no parameter belongs to two optimisers (it
+        would be stepped twice, or by a loss that is not its own)."""
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ConfigError(f"optimiser name must be a non-empty string without '/', got {name!r}")
+        if name in self.optimizer_names:
+            raise ConfigError(f"optimiser {name!r} is registered twice (give each ctx.add_optimizer "
+                              f"call its own name)")
+        params = [p for p in params]
+        if not params:
+            raise ConfigError(f"optimiser {name!r} got no parameters")
+        taken = {id(p): n for n, o in zip(self.optimizer_names, self.optimizers)
+                 for g in o.param_groups for p in g["params"]}
+        shared = sorted({taken[id(p)] for p in params if id(p) in taken})
+        if shared:
+            raise ConfigError(f"optimiser {name!r} shares parameters with optimiser(s) "
+                              f"{', '.join(map(repr, shared))}")
+        adam_options.setdefault("lr", self.cfg.train.lr)
+        try:
+            opt = torch.optim.Adam(params, **adam_options)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"optimiser {name!r}: bad Adam options {adam_options}: {e}") from None
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]  # the poly schedule's base, saved with the state
         self.optimizers.append(opt)
+        self.optimizer_names.append(name)
         return opt
+
+    def named_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return dict(zip(self.optimizer_names, self.optimizers))
+
+    def check_optimizers(self, method: nn.Module, method_name: str) -> None:
+        """Refuse an optimiser that the method built itself: the engine would neither schedule,
+        step nor checkpoint it."""
+        mine = {id(o) for o in self.optimizers}
+        for mod_name, mod in method.named_modules():
+            for attr, value in vars(mod).items():
+                items = value.values() if isinstance(value, dict) else (
+                    value if isinstance(value, (list, tuple)) else (value,))
+                for v in items:
+                    if isinstance(v, torch.optim.Optimizer) and id(v) not in mine:
+                        where = f"{mod_name}.{attr}" if mod_name else attr
+                        raise ConfigError(f"method {method_name!r} built an optimiser itself "
+                                          f"({where}: {type(v).__name__}); register it with "
+                                          f"ctx.add_optimizer(params, name=...) so the engine "
+                                          f"schedules, steps and checkpoints it")
 
     def update_teachers(self) -> None:
         for student, teacher, alpha in self.emas:
@@ -257,6 +304,7 @@ class Trainer:
         self.method: Method = self.method_cls(self.ctx, self.hparams).to(self.device)
         if not self.ctx.optimizers:
             raise ConfigError(f"method {cfg.method!r} registered no optimiser (ctx.add_optimizer)")
+        self.ctx.check_optimizers(self.method, cfg.method)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
         self.start_epoch = 0
@@ -326,17 +374,60 @@ class Trainer:
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
         with autocast:
             losses = self.method.training_step(batch, info)
-        if "loss" not in losses:
-            raise TrainingError(f"method {self.cfg.method!r} returned no 'loss' (got {', '.join(losses)})")
+        per_optimizer = self._per_optimizer_losses(losses)
+        if per_optimizer:  # the logged total; nothing back-propagates it
+            losses = {"loss": sum(v.detach().float() for _, v in per_optimizer), **losses}
         values = self._loss_values(losses, iteration, epoch, it)
-        for opt in self.ctx.optimizers:
-            opt.zero_grad(set_to_none=True)
-        self.scaler.scale(losses["loss"]).backward()
-        for opt in self.ctx.optimizers:
-            self.scaler.step(opt)
-        self.scaler.update()
+        self._update(losses["loss"], per_optimizer)
         self.ctx.update_teachers()
         return values
+
+    def _per_optimizer_losses(self, losses: dict) -> list[tuple[str, torch.Tensor]]:
+        """``[(optimiser name, loss)]`` in the method's order for ``"loss/<name>"`` keys, or []
+        for a method that returns one ``"loss"`` (see ``semibench.method``, update steps)."""
+        prefixed = [(k[len(LOSS_PREFIX):], v) for k, v in losses.items() if k.startswith(LOSS_PREFIX)]
+        method = self.cfg.method
+        if not prefixed:
+            if "loss" not in losses:
+                raise TrainingError(f"method {method!r} returned no 'loss' and no "
+                                    f"'{LOSS_PREFIX}<optimiser>' losses (got {', '.join(losses)})")
+            return []
+        if "loss" in losses:
+            raise TrainingError(f"method {method!r} returned both 'loss' and per-optimiser losses "
+                                f"({', '.join(LOSS_PREFIX + n for n, _ in prefixed)}); return one or the other")
+        unknown = [n for n, _ in prefixed if n not in self.ctx.optimizer_names]
+        if unknown:
+            raise TrainingError(f"method {method!r} returned losses for unknown optimiser(s) "
+                                f"{', '.join(map(repr, unknown))}; registered: "
+                                f"{', '.join(map(repr, self.ctx.optimizer_names))}")
+        return prefixed
+
+    def _update(self, total: torch.Tensor, per_optimizer: list[tuple[str, torch.Tensor]]) -> None:
+        """Zero every optimiser; back-propagate (AMP-scaled) either ``total`` once, or each
+        per-optimiser loss in the method's order into its own optimiser's parameters only
+        (``backward(inputs=...)``); then step, in registration order, every optimiser that got a
+        gradient; then one ``scaler.update()``. All backward passes run before any step: every
+        forward of the step ran before them, so this equals stepping each optimiser right after
+        its own backward, and a loss whose graph runs through another optimiser's parameters
+        (GCT's L_fc through the flaw detector) still finds them unmodified."""
+        for opt in self.ctx.optimizers:
+            opt.zero_grad(set_to_none=True)
+        if not per_optimizer:
+            self.scaler.scale(total).backward()
+        named = self.ctx.named_optimizers()
+        for i, (name, loss) in enumerate(per_optimizer):
+            params = [p for g in named[name].param_groups for p in g["params"] if p.requires_grad]
+            if loss.requires_grad and params:  # e.g. a term that is off before unsup_start_epoch
+                self.scaler.scale(loss).backward(inputs=params, retain_graph=i < len(per_optimizer) - 1)
+        stepped = False
+        for opt in self.ctx.optimizers:
+            # an optimiser without gradient is not stepped: under CUDA AMP GradScaler.step
+            # raises "No inf checks were recorded" for it, and Adam would do nothing anyway
+            if any(p.grad is not None for g in opt.param_groups for p in g["params"]):
+                self.scaler.step(opt)
+                stepped = True
+        if stepped:
+            self.scaler.update()
 
     def _loss_values(self, losses: dict, iteration: int, epoch: int, it: int) -> dict[str, float]:
         names, vals = [], []
@@ -360,24 +451,18 @@ class Trainer:
     # -- validation ----------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> float:
-        """Pooled dice over the val samples at the input size (semibench.metrics)."""
+        """Model selection score: the per-image mean Dice over the val samples at their original
+        size, computed by the code that scores the test set (:func:`semibench.evaluate.
+        predict_counts`), so the selected epoch is the best one in the table's convention."""
+        from .evaluate import predict_counts
         model = self.method.inference_model()
         was_training = self.method.training
-        self.method.eval()
-        kwargs = {"project": False} if "project" in inspect.signature(model.forward).parameters else {}
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
-        val: ImageSet = self.data.val
-        bs = self.cfg.train.eval_batch_size
-        counts = None
-        for start in range(0, len(val), bs):
-            x = normalise(to_float(val.images[start:start + bs].to(self.device)))
-            with autocast:
-                out = model(x, **kwargs)
-            logits = out.logits if hasattr(out, "logits") else out
-            c = confusion(logits.argmax(1) == 1, val.masks[start:start + bs].to(self.device).bool())
-            counts = c if counts is None else counts + c
+        source = SampleCache(self.data.val_samples) if self.data.val_samples else PreparedDataset(
+            Path(self.cfg.data_dir) / "prepared" / self.cfg.dataset)
+        rows = predict_counts(model, source, list(self.data.val.ids), self.cfg.train.input_size,
+                              self.cfg.train.eval_batch_size, self.device, amp=self.amp)
         self.method.train(was_training)
-        return scores(counts)["dice"]
+        return per_image_mean([Counts(r["tp"], r["fp"], r["tn"], r["fn"]) for r in rows])["dice"]
 
     # -- the run -------------------------------------------------------------------------
     def run(self, on_epoch_end: Callable[[int], None] | None = None) -> Path:
@@ -407,7 +492,8 @@ class Trainer:
                     self.best = {"epoch": epoch, "val_dice": val_dice}
                     torch_save_atomic(out / "best.pt", {
                         "model": self.method.inference_model().state_dict(), "epoch": epoch,
-                        "val_dice": val_dice, "config": cfg.to_dict()})
+                        "val_dice": val_dice, "model_selection": MODEL_SELECTION,
+                        "config": cfg.to_dict()})
                 # the log line before the checkpoint: a kill in between replays the epoch, and
                 # the replay first drops the epoch's lines
                 self._log(log, event="epoch", epoch=epoch, iteration=(epoch + 1) * self.iterations,
@@ -482,6 +568,7 @@ class Trainer:
             "n_labeled": len(self.data.labeled), "n_unlabeled": len(self.data.unlabeled_ids),
             "n_val": len(self.data.val),
             "best_epoch": self.best["epoch"], "best_val_dice": self.best["val_dice"],
+            "model_selection": MODEL_SELECTION,
             "versions": versions(),
             "device": {"spec": cfg.device, "device": str(self.device), "name": device_name(self.device),
                        "amp": self.amp, "threads": torch.get_num_threads()},
