@@ -317,7 +317,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch,  # last completed epoch (0-based)
             "method": self.method.state_dict(),
-            "optimizers": [o.state_dict() for o in self.ctx.optimizers],
+            "optimizers": {n: o.state_dict() for n, o in self.ctx.named_optimizers().items()},
             "scaler": self.scaler.state_dict(),
             "best": dict(self.best),
             "timings": dict(self.timings),
@@ -332,12 +332,16 @@ class Trainer:
             raise TrainingError(f"{path} cannot be read ({type(e).__name__}: {e}); delete it to "
                                 f"start the run over") from None
         _check_same_config(state.get("config_items", {}), self.cfg, path)
-        if len(state["optimizers"]) != len(self.ctx.optimizers):
-            raise TrainingError(f"{path} holds {len(state['optimizers'])} optimiser states, the method "
-                                f"has {len(self.ctx.optimizers)}")
+        saved_opts = state["optimizers"]
+        if isinstance(saved_opts, list):  # written before optimisers had names: registration order
+            saved_opts = {(self.ctx.optimizer_names[i] if i < len(self.ctx.optimizers) else f"#{i}"): o
+                          for i, o in enumerate(saved_opts)}
+        if sorted(saved_opts) != sorted(self.ctx.optimizer_names):
+            raise TrainingError(f"{path} holds optimiser states {sorted(saved_opts)}, the method has "
+                                f"{sorted(self.ctx.optimizer_names)}; delete {path} to start the run over")
         self.method.load_state_dict(state["method"])
-        for opt, s in zip(self.ctx.optimizers, state["optimizers"]):
-            opt.load_state_dict(s)
+        for name, opt in self.ctx.named_optimizers().items():
+            opt.load_state_dict(saved_opts[name])
         if state.get("scaler") and self.scaler.is_enabled():  # AMP state only matters on CUDA
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"]) + 1

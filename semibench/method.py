@@ -5,8 +5,8 @@ EMA updates, checkpoints, validation, logging.
 
 How the planned methods fit:
 - several networks / optimisers (GCT: two segmenters + a flaw detector): call
-  ``ctx.build_segmenter()`` / ``ctx.add_optimizer(params)`` as often as needed in ``__init__``;
-  the engine schedules and steps every registered optimiser after the backward of ``"loss"``.
+  ``ctx.build_segmenter()`` / ``ctx.add_optimizer(params, name=...)`` as often as needed in
+  ``__init__`` (see *Update steps* below).
 - auxiliary decoders on perturbed features (CCT): plain submodules of the method reading
   ``SegOutput.features``; give them to ``ctx.add_optimizer``.
 - an EMA teacher: ``self.teacher = ctx.ema_of(self.student)``; the engine updates it after each
@@ -15,6 +15,33 @@ How the planned methods fit:
   built by ``semibench.augment`` (``"weak_strong"``: pixel-aligned weak and strong views;
   ``"single"``; ``"two_crops"``: two overlapping crops and their overlap boxes). Geometric
   transforms that must be inverted (TCSMv2) are applied by the method on tensors.
+- several validated networks (GCT's two task models): :meth:`Method.extra_validation_models`
+  names the networks besides :meth:`Method.inference_model` whose validation Dice the engine
+  also logs (``val_dice/<name>`` in the ``"epoch"`` lines of ``train.jsonl``); model selection
+  and ``best.pt`` stay with ``inference_model()``.
+
+Update steps (the engine's ``Trainer._update``). ``ctx.add_optimizer(params, name="main",
+**adam_options)`` registers a named Adam (default lr: the run's ``train.lr``; a method may pass
+its own ``lr``, ``betas``, ...). Every optimiser is poly-scheduled from its own initial lr and
+checkpointed under its name; a method never zeroes, steps or schedules one itself, and an
+optimiser it builds outside ``ctx.add_optimizer`` is refused. ``training_step`` returns either
+
+- ``{"loss": total, ...}``: one backward of ``total`` into every parameter, or
+- ``{"loss/<name>": loss, ...}``, one entry per optimiser it trains this step (no ``"loss"``):
+  each loss is back-propagated into *its optimiser's parameters only*
+  (``backward(inputs=...)``), in the order of the returned dict. This is how a method trains
+  parts on different objectives with the others frozen (GCT: ``loss/task_l`` and
+  ``loss/task_r`` reach the task models through the flaw detector without changing it,
+  ``loss/flaw`` reaches the flaw detector only). The engine logs their sum as ``"loss"``.
+
+Per step the engine then (1) zeroes every optimiser, (2) runs the backward pass(es), AMP-scaled,
+(3) steps, in registration order, each optimiser that received a gradient (one with none is
+skipped: Adam would not move, and under CUDA AMP ``GradScaler.step`` refuses it), (4) calls
+``scaler.update()`` once, (5) updates the EMA teachers. All backward passes precede all steps;
+since every forward of the step ran in ``training_step``, this equals stepping each optimiser
+right after its own backward. A method that needs a forward pass *after* another part was
+stepped within the same iteration (alternating updates) is not expressible; GCT is not such a
+method (its targets come from the step's first, pre-update predictions).
 """
 from __future__ import annotations
 
@@ -64,7 +91,9 @@ class MethodContext:
     def ema_of(self, module: nn.Module) -> nn.Module:  # frozen copy updated by EMA each step
         raise NotImplementedError
 
-    def add_optimizer(self, params) -> torch.optim.Optimizer:  # Adam, scheduled by the engine
+    def add_optimizer(self, params, name: str = "main", **adam_options) -> torch.optim.Optimizer:
+        """A named Adam (options as ``torch.optim.Adam``'s; lr default ``train.lr``) that the
+        engine schedules, steps and checkpoints (see *Update steps*)."""
         raise NotImplementedError
 
 
@@ -84,6 +113,11 @@ class Method(nn.Module):
     def inference_model(self) -> nn.Module:
         """The network evaluated on val/test (the student unless the paper says otherwise)."""
         return self.student
+
+    def extra_validation_models(self) -> dict[str, nn.Module]:
+        """Networks besides ``inference_model()`` whose validation Dice is logged each epoch as
+        ``val_dice/<name>`` (GCT: both task models). Not used for model selection."""
+        return {}
 
 
 def make_hparams(cls: type, overrides: Mapping[str, Any] | None) -> Any:
