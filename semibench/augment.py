@@ -21,11 +21,19 @@ the kind it wants in ``Method.unlabeled_views``:
 - ``"single"``: ``{"image"}``, the labeled pipeline's augmentation;
 - ``"weak_strong"``: ``{"weak", "strong"}``, the same geometric warp, ``strong`` adds photometric
   changes: the two are pixel-aligned;
-- ``"two_crops"``: ``{"crop1", "crop2", "box1", "box2"}``, two overlapping square crops of
-  ``two_crop_px`` pixels (a shared random flip, independent photometric changes, no resizing) and
-  the overlap in each crop's pixel coordinates as (top, left, bottom, right), bottom/right
-  exclusive: ``crop1[..., t1:b1, l1:r1]`` and ``crop2[..., t2:b2, l2:r2]`` show the same pixels
-  before photometric changes.
+- ``"two_crops"``: ``{"crop1", "crop2", "box1", "box2", "flip1", "flip2"}``, two overlapping
+  square crops of one image (CAC's pair sampling, :func:`sample_crop_pair`): side
+  :func:`two_crop_size`, no resizing, offset between the crops a multiple of the method's
+  ``stride`` (``Method.view_options``), overlap IoU within ``iou``; each crop then gets its own
+  random flips (``flipK``: (B, 2) bool, column 0 = left-right, column 1 = up-down) and its own
+  photometric changes. ``boxK`` is the overlap in crop K's *unflipped* coordinates as (top,
+  left, bottom, right), bottom/right exclusive, every entry a multiple of ``stride``: undo the
+  flips of a crop (or of its feature map) first, then ``crop1[..., t1:b1, l1:r1]`` and
+  ``crop2[..., t2:b2, l2:r2]`` show the same pixels before photometric changes, and
+  ``box // stride`` slices a 1/stride feature map exactly.
+
+A method passes options to its view kind with the class attribute ``Method.view_options``
+(a dict of keyword arguments of the builder, e.g. ``{"stride": 8}``).
 
 The paper gives no magnitudes; the defaults in :class:`AugmentConfig` are our choice (SimCLR's
 colour strengths, a mild crop) and are documented there. A run's config overrides any of them
@@ -33,6 +41,7 @@ under ``train.augment`` (:func:`augment_config` checks the values).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Mapping
@@ -60,12 +69,11 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # pixels
     labeled_photometric: bool = True  # labeled images get all six augmentations
     two_crop_frac: float = 0.7  # crop side / image side, rounded down to a multiple of 32
-    two_crop_min_overlap: float = 0.3  # minimal overlap per axis, as a fraction of the crop side
 
 
 _PROBABILITIES = {"hflip_p", "vflip_p", "jitter_p", "grey_p", "blur_p"}
 _RANGES = {"crop_scale": (0.0, 1.0), "blur_sigma": (0.0, math.inf)}  # (lo, hi) pairs and their bounds
-_FRACTIONS = {"two_crop_frac", "two_crop_min_overlap", "hue"}
+_FRACTIONS = {"two_crop_frac", "hue"}
 
 
 def augment_config(overrides: Mapping[str, Any] | None = None) -> AugmentConfig:
@@ -271,44 +279,91 @@ def _weak_strong(images: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig)
     return {"weak": normalise(weak), "strong": normalise(strong)}
 
 
-def two_crop_size(size: int, cfg: AugmentConfig) -> int:
-    """Crop side: a multiple of 32 (the encoder's total stride) no larger than the image."""
-    c = int(size * cfg.two_crop_frac) // 32 * 32
-    return max(min(c, size), min(32, size))
+def two_crop_size(size: int, cfg: AugmentConfig, stride: int = 1) -> int:
+    """Crop side: a multiple of 32 (the encoder's total stride) and of ``stride``, no larger
+    than the image."""
+    m = math.lcm(32, int(stride))
+    c = int(size * cfg.two_crop_frac) // m * m
+    return max(min(c, size), min(m, size))
 
 
 def _randint(gen: torch.Generator, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """Per-element uniform integers in [lo, hi] (inclusive)."""
-    u = torch.rand(len(lo), generator=gen, dtype=torch.float64)
+    u = torch.rand(lo.shape, generator=gen, dtype=torch.float64)
     return torch.minimum(lo + (u * (hi - lo + 1).double()).floor().long(), hi)
 
 
-def _two_crops(images: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> dict[str, torch.Tensor]:
+PAIR_TRIES = 50  # CAC's PairVOCDataset: 50 draws of crop 2, then crop 2 = crop 1
+
+
+def sample_crop_pair(n: int, size: int, crop: int, stride: int, iou: tuple[float, float],
+                     gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Top-left corners (y1, x1, y2, x2), each (n,) long, of two ``crop``-sided crops of a
+    ``size``-sided image, as CAC's ``PairVOCDataset``: crop 1 uniform; crop 2 uniform, its
+    offset to crop 1 floored to a multiple of ``stride`` (plus ``stride`` when that leaves the
+    image), accepted when the crops overlap with IoU = inter / (2 crop² − inter) in ``iou``;
+    the first of :data:`PAIR_TRIES` draws that passes, else crop 2 = crop 1. A fixed number of
+    random numbers is drawn, so the stream stays aligned whatever is accepted."""
+    hi = torch.full((n,), size - crop, dtype=torch.long)
+    y1, x1 = _randint(gen, hi * 0, hi), _randint(gen, hi * 0, hi)
+    hi_t = hi[:, None].expand(n, PAIR_TRIES)
+    cy, cx = _randint(gen, hi_t * 0, hi_t), _randint(gen, hi_t * 0, hi_t)
+
+    def snap(c, c1):
+        c2 = torch.div(c - c1[:, None], stride, rounding_mode="floor") * stride + c1[:, None]
+        return torch.where(c2 < 0, c2 + stride, c2)
+
+    y2, x2 = snap(cy, y1), snap(cx, x1)
+    ih = crop - (y2 - y1[:, None]).abs()
+    iw = crop - (x2 - x1[:, None]).abs()
+    inter = (ih.clamp(min=0) * iw.clamp(min=0)).double()
+    ratio = inter / (2 * crop * crop - inter)
+    ok = ((ih > 0) & (iw > 0) & (ratio >= iou[0]) & (ratio <= iou[1])
+          & (y2 >= 0) & (y2 <= size - crop) & (x2 >= 0) & (x2 <= size - crop))
+    first = torch.where(ok.any(1), ok.long().argmax(1), -1)  # the first accepted draw
+    rows = torch.arange(n)
+    pick = first.clamp(min=0)
+    y2 = torch.where(first >= 0, y2[rows, pick], y1)
+    x2 = torch.where(first >= 0, x2[rows, pick], x1)
+    return y1, x1, y2, x2
+
+
+def undo_flips(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Undo (equivalently: apply) a ``two_crops`` view's per-sample flips on a (B, ..., H, W)
+    tensor; ``flip`` is (B, 2) bool: left-right, up-down."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    lr, ud = flip[:, 0].to(x.device).view(shape), flip[:, 1].to(x.device).view(shape)
+    x = torch.where(lr, x.flip(-1), x)
+    return torch.where(ud, x.flip(-2), x)
+
+
+def _two_crops(images: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig, *, stride: int = 1,
+               iou: tuple[float, float] = (0.1, 1.0)) -> dict[str, torch.Tensor]:
     n, _, h, w = images.shape
     if h != w:
         raise ConfigError(f"two_crops expects square images, got {h}x{w}")
-    c = two_crop_size(h, cfg)
-    shift = c - max(1, math.ceil(cfg.two_crop_min_overlap * c))  # largest offset between crops
-    hflip = torch.rand(n, generator=gen, dtype=torch.float64) < cfg.hflip_p
-    vflip = torch.rand(n, generator=gen, dtype=torch.float64) < cfg.vflip_p
-    zero, top = torch.zeros(n, dtype=torch.long), torch.full((n,), h - c, dtype=torch.long)
-    y1, x1 = _randint(gen, zero, top), _randint(gen, zero, top)
-    y2 = _randint(gen, (y1 - shift).clamp(min=0), (y1 + shift).clamp(max=h - c))
-    x2 = _randint(gen, (x1 - shift).clamp(min=0), (x1 + shift).clamp(max=h - c))
+    if not isinstance(stride, int) or stride < 1:
+        raise ConfigError(f"two_crops stride must be an integer >= 1, got {stride!r}")
+    if not (len(iou) == 2 and 0.0 <= iou[0] <= iou[1] <= 1.0):
+        raise ConfigError(f"two_crops iou must be a range [low, high] within [0, 1], got {iou!r}")
+    c = two_crop_size(h, cfg, stride)
+    y1, x1, y2, x2 = sample_crop_pair(n, h, c, stride, iou, gen)
+    flips = [torch.stack([torch.rand(n, generator=gen, dtype=torch.float64) < cfg.hflip_p,
+                          torch.rand(n, generator=gen, dtype=torch.float64) < cfg.vflip_p], 1)
+             for _ in range(2)]
     p1, p2 = sample_photometric(n, gen, cfg), sample_photometric(n, gen, cfg)
     x = to_float(images)
     dev = x.device
-    x = torch.where(hflip.to(dev).view(-1, 1, 1, 1), x.flip(-1), x)
-    x = torch.where(vflip.to(dev).view(-1, 1, 1, 1), x.flip(-2), x)
     crop1 = torch.stack([x[i, :, y1[i]:y1[i] + c, x1[i]:x1[i] + c] for i in range(n)])
     crop2 = torch.stack([x[i, :, y2[i]:y2[i] + c, x2[i]:x2[i] + c] for i in range(n)])
-    # overlap in image coordinates, then in each crop's coordinates
+    crop1, crop2 = undo_flips(crop1, flips[0]), undo_flips(crop2, flips[1])
+    # overlap in image coordinates, then in each crop's (unflipped) coordinates
     ot, ol = torch.maximum(y1, y2), torch.maximum(x1, x2)
     ob, orr = torch.minimum(y1, y2) + c, torch.minimum(x1, x2) + c
     box1 = torch.stack([ot - y1, ol - x1, ob - y1, orr - x1], 1)
     box2 = torch.stack([ot - y2, ol - x2, ob - y2, orr - x2], 1)
     return {"crop1": normalise(photometric(crop1, p1, cfg)), "crop2": normalise(photometric(crop2, p2, cfg)),
-            "box1": box1.to(dev), "box2": box2.to(dev)}
+            "box1": box1.to(dev), "box2": box2.to(dev), "flip1": flips[0].to(dev), "flip2": flips[1].to(dev)}
 
 
 ViewBuilder = Callable[[torch.Tensor, torch.Generator, AugmentConfig], dict[str, torch.Tensor]]
@@ -330,8 +385,17 @@ def register_view_kind(name: str) -> Callable[[ViewBuilder], ViewBuilder]:
 
 
 def make_views(kind: str, images: torch.Tensor, gen: torch.Generator,
-               cfg: AugmentConfig = AugmentConfig()) -> dict[str, torch.Tensor]:
-    """The unlabeled views of ``kind`` for a uint8 (B, 3, H, W) batch."""
+               cfg: AugmentConfig = AugmentConfig(), **options) -> dict[str, torch.Tensor]:
+    """The unlabeled views of ``kind`` for a uint8 (B, 3, H, W) batch; ``options`` are the
+    method's ``view_options`` (keyword arguments of the kind's builder)."""
     if kind not in VIEW_KINDS:
         raise ConfigError(f"unknown unlabeled view kind {kind!r}; known: {', '.join(sorted(VIEW_KINDS))}")
-    return VIEW_KINDS[kind](images, gen, cfg)
+    builder = VIEW_KINDS[kind]
+    if options:
+        accepted = {n for n, prm in inspect.signature(builder).parameters.items()
+                    if prm.kind is inspect.Parameter.KEYWORD_ONLY}
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise ConfigError(f"view kind {kind!r} takes no option(s) {', '.join(unknown)}; "
+                              f"it takes: {', '.join(sorted(accepted)) or 'none'}")
+    return builder(images, gen, cfg, **options)

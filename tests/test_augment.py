@@ -6,7 +6,7 @@ import torch
 
 from semibench.augment import (AugmentConfig, PhotometricParams, augment_labeled, gaussian_blur,
                                gaussian_kernels, make_views, normalise, photometric, sample_affine,
-                               two_crop_size, warp)
+                               sample_crop_pair, two_crop_size, undo_flips, warp)
 from semibench.data import IMAGENET_MEAN, IMAGENET_STD, make_generator
 from semibench.errors import ConfigError
 
@@ -111,18 +111,38 @@ def test_weak_strong_are_pixel_aligned():
 
 def test_two_crops_overlap_boxes_show_the_same_pixels():
     images, _ = random_batch(n=16, size=128, seed=3)
-    v = make_views("two_crops", images, gen(11), NO_PHOTO)
-    c = two_crop_size(128, AugmentConfig())
+    v = make_views("two_crops", images, gen(11), NO_PHOTO, stride=8)
+    c = two_crop_size(128, AugmentConfig(), 8)
     assert c == 64 and v["crop1"].shape == v["crop2"].shape == (16, 3, c, c)
-    min_overlap = math.ceil(0.3 * c)
+    assert v["flip1"].shape == (16, 2) and v["flip1"].dtype == torch.bool
+    assert not torch.equal(v["flip1"], v["flip2"])  # each crop draws its own flips
     for i in range(16):
         t1, l1, b1, r1 = v["box1"][i].tolist()
         t2, l2, b2, r2 = v["box2"][i].tolist()
-        assert b1 - t1 == b2 - t2 >= min_overlap and r1 - l1 == r2 - l2 >= min_overlap
+        assert b1 - t1 == b2 - t2 > 0 and r1 - l1 == r2 - l2 > 0
         assert 0 <= t1 < b1 <= c and 0 <= l1 < r1 <= c
-        assert torch.equal(v["crop1"][i, :, t1:b1, l1:r1], v["crop2"][i, :, t2:b2, l2:r2])
-    v2 = make_views("two_crops", images, gen(11))  # photometric changes differ per crop
+        inter = (b1 - t1) * (r1 - l1)
+        assert 0.1 <= inter / (2 * c * c - inter) <= 1.0
+        a = undo_flips(v["crop1"][i:i + 1], v["flip1"][i:i + 1])[0]
+        b = undo_flips(v["crop2"][i:i + 1], v["flip2"][i:i + 1])[0]
+        assert torch.equal(a[:, t1:b1, l1:r1], b[:, t2:b2, l2:r2])
+    v2 = make_views("two_crops", images, gen(11), stride=8)  # photometric changes differ per crop
     assert not torch.equal(v2["crop1"], v["crop1"])
+    with pytest.raises(ConfigError, match="takes no option.*bogus.*it takes: iou, stride"):
+        make_views("two_crops", images, gen(11), bogus=1)
+
+
+def test_crop_pair_offsets_snap_to_the_stride_and_respect_the_iou_range():
+    y1, x1, y2, x2 = sample_crop_pair(2000, 100, 40, 8, (0.1, 1.0), gen(4))
+    assert ((y2 - y1) % 8 == 0).all() and ((x2 - x1) % 8 == 0).all()
+    assert (y2 >= 0).all() and (y2 <= 60).all() and (x2 >= 0).all() and (x2 <= 60).all()
+    inter = ((40 - (y2 - y1).abs()) * (40 - (x2 - x1).abs())).double()
+    assert ((y2 - y1).abs() < 40).all() and ((x2 - x1).abs() < 40).all()
+    assert (inter / (3200 - inter) >= 0.1).all()
+    assert (y2 != y1).float().mean() > 0.5  # mostly distinct crops, not the fallback
+    # an unreachable IoU range: every pair falls back to identical crops (CAC's fallback)
+    y1, x1, y2, x2 = sample_crop_pair(50, 100, 40, 8, (0.99, 0.995), gen(4))
+    assert torch.equal(y1, y2) and torch.equal(x1, x2)
 
 
 def test_single_view_and_unknown_kind():
