@@ -34,6 +34,29 @@ from .errors import DataError
 METRIC_NAMES = ("dice", "jaccard", "accuracy", "specificity", "sensitivity")
 
 
+def _info(abbrev: str, kind: str, name: str) -> dict:
+    return {"abbrev": abbrev, "kind": kind, "higher_is_better": True, "name": name}
+
+
+#: What each metric of ``metrics.json`` is, recorded there as ``metric_info`` so that reports
+#: choose metrics as data (the instance metrics are defined in :mod:`semibench.instances`).
+METRIC_INFO = {
+    "dice": _info("DC", "pixel", "Dice coefficient"),
+    "jaccard": _info("JC", "pixel", "Jaccard index"),
+    "accuracy": _info("ACC", "pixel", "pixel accuracy"),
+    "specificity": _info("SP", "pixel", "specificity"),
+    "sensitivity": _info("SE", "pixel", "sensitivity"),
+    "aji": _info("AJI", "instance", "Aggregated Jaccard Index (Kumar et al. 2017)"),
+    "aji_plus": _info("AJI+", "instance", "AJI with one-to-one pairing (Graham et al. 2019)"),
+    "pq": _info("PQ", "instance", "Panoptic Quality (Kirillov et al. 2019)"),
+    "sq": _info("SQ", "instance", "Segmentation Quality: mean IoU of the IoU > 0.5 matches"),
+    "dq": _info("DQ", "instance", "Detection Quality: TP / (TP + FP/2 + FN/2)"),
+    "obj_precision": _info("P_obj", "instance", "object precision at IoU > 0.5"),
+    "obj_recall": _info("R_obj", "instance", "object recall at IoU > 0.5"),
+    "obj_f1": _info("F1", "instance", "object F1 at IoU > 0.5"),
+}
+
+
 @dataclass(frozen=True)
 class Counts:
     tp: int
