@@ -10,7 +10,7 @@ from snakemake.utils import validate
 
 from semibench.config import RunConfig
 from semibench.errors import ConfigError
-from semibench.method import make_hparams
+from semibench.method import make_hparams, resolved_hparams
 from semibench.obtain import get_recipe
 from semibench.registry import DATASETS, METHODS
 from semibench.splits import LABEL_RATIOS
@@ -138,9 +138,11 @@ def dataset_config_json(wildcards):
 
 
 def run_config_json(wildcards):
-    """The exact config of one training run: the train section and this method's overrides
-    (so editing another method's overrides does not rerun this one)."""
-    params = (config.get("method_params") or {}).get(wildcards.method) or {}
+    """The exact config of one training run: the train section and this method's complete
+    hyperparameters, defaults merged with the config's overrides (so editing another method's
+    overrides or defaults does not rerun this one, and editing this one's does)."""
+    overrides = (config.get("method_params") or {}).get(wildcards.method) or {}
+    params = resolved_hparams(METHODS.get(wildcards.method), overrides)
     return json.dumps(
         {
             "data_dir": DATA_DIR,

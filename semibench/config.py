@@ -2,7 +2,16 @@
 
 The workflow config (``config/config.yaml``, validated by ``config/schema.json``) is the single
 source of defaults besides each method's hyperparameter dataclass. One training run sees a
-:class:`RunConfig`: the ``train`` section plus the run's coordinates and its method's overrides.
+:class:`RunConfig`: the ``train`` section plus the run's coordinates and its method's
+hyperparameters, *resolved*: the dataclass defaults merged with the config's overrides
+(:meth:`RunConfig.resolved`), so that files and fingerprints hold every value the run used. In
+files (``RunConfig.to_dict``) they sit under ``method_params.<method>``, as in the workflow's
+per-job params; fingerprint keys are ``method_params.<method>.<key>``.
+
+Removed keys: ``train.num_workers`` (the data are held in memory as tensors; there never were
+loader workers, and the key only made every job re-run and then fail its resume). A workflow
+config that still sets it is refused with a message saying to delete the line; a ``config.json``
+written by an older version is still read (the key is dropped).
 """
 from __future__ import annotations
 
@@ -64,12 +73,17 @@ class TrainConfig:
     unsup_start_epoch: int = 5  # 0-based: unsupervised losses from the 6th epoch on
     ema_alpha: float = 0.999
     amp: bool = True  # CUDA only
-    num_workers: int = 4
     iters_per_epoch: int | None = None  # None: one pass over the unlabeled set
     eval_batch_size: int = 8
     deterministic: bool = True
     # overrides of semibench.augment.AugmentConfig (the paper gives no magnitudes; ours are there)
     augment: dict[str, Any] = field(default_factory=dict)
+
+
+REMOVED_TRAIN_KEYS = {
+    "num_workers": "train.num_workers was removed (the training data are held in memory; there "
+                   "are no loader workers): delete that line from your config",
+}
 
 
 @dataclass
@@ -89,6 +103,9 @@ class RunConfig:
                       device: str = "auto") -> "RunConfig":
         train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
         train_cfg = dict(cfg.get("train", {}))
+        removed = sorted(set(train_cfg) & set(REMOVED_TRAIN_KEYS))
+        if removed:
+            raise ConfigError("; ".join(REMOVED_TRAIN_KEYS[k] for k in removed))
         unknown = sorted(set(train_cfg) - train_keys)
         if unknown:
             raise ConfigError(f"unknown train option(s): {', '.join(unknown)}; known: {', '.join(sorted(train_keys))}")
@@ -98,24 +115,43 @@ class RunConfig:
         return cls(dataset=dataset, method=method, ratio=int(ratio), seed=int(seed),
                    data_dir=str(cfg.get("data_dir", "data")),
                    splits_dir=str(cfg.get("splits_dir", "results/splits")), device=device,
-                   train=TrainConfig(**train_cfg), method_params=params)
+                   train=TrainConfig(**train_cfg), method_params=params).resolved()
+
+    def resolved(self) -> "RunConfig":
+        """A copy whose ``method_params`` are the method's complete hyperparameters (defaults
+        plus these overrides; unknown keys are errors). Idempotent."""
+        from .method import resolved_hparams  # the registry imports the methods (and torch)
+        from .registry import METHODS
+        params = resolved_hparams(METHODS.get(self.method), self.method_params)
+        return dataclasses.replace(self, method_params=params)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["method_params"] = {self.method: d["method_params"]}
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "RunConfig":
         d = dict(d)
-        d["train"] = TrainConfig(**d.get("train", {}))
+        train = {k: v for k, v in dict(d.get("train", {})).items() if k not in REMOVED_TRAIN_KEYS}
+        d["train"] = TrainConfig(**train)
+        params = dict(d.get("method_params") or {})
+        if set(params) == {d.get("method")} and isinstance(params[d.get("method")], Mapping):
+            params = dict(params[d["method"]])  # {method: {...}}; older files hold the flat dict
+        d["method_params"] = params
         return cls(**d)
 
     def fingerprint_items(self) -> dict:
-        """The keys that must match for a checkpoint to be resumed (device may differ)."""
+        """The keys that must match for a checkpoint to be resumed (device may differ):
+        ``train.<key>``, ``method_params.<method>.<key>`` and the run's coordinates."""
         d = self.to_dict()
         d.pop("device")
         flat: dict[str, Any] = {}
         for k, v in d.items():
-            if isinstance(v, dict):
+            if k == "method_params":
+                for method, params in v.items():
+                    flat.update({f"{k}.{method}.{kk}": vv for kk, vv in params.items()})
+            elif isinstance(v, dict):
                 flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
             else:
                 flat[k] = v

@@ -58,8 +58,8 @@ def labeled_ids(split: dict, ratio: int) -> list[str]:
 #
 # Training samples are resized once to the input size and kept in memory as uint8 tensors
 # (DSB's 469 training images at 320² take 144 MB); augmentation then runs batched on the
-# training device (semibench.augment), so no loader workers are needed and
-# ``TrainConfig.num_workers`` is not used by the engine.
+# training device (semibench.augment), so no loader workers are needed (hence no
+# ``train.num_workers`` key).
 #
 # Determinism: which samples a step sees and the seeds of its augmentation depend only on
 # (seed, epoch, iteration), never on earlier steps, so a resumed run replays exactly.

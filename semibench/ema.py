@@ -1,28 +1,66 @@
-"""Exponential-moving-average (mean) teachers.
+"""Exponential-moving-average (mean) teachers, with per-method settings.
 
-``make_teacher(student)`` returns a frozen deep copy that stays in eval mode for good: its
-``train()`` is overridden on the instance, so putting the parent :class:`~semibench.method.Method`
-in train mode never switches on the teacher's dropout or its BatchNorm batch statistics (one of
-the official CDCL release's defects). It is still an instance of the student's class, with the
-same attributes and state-dict keys.
+``make_teacher(student, mode)`` returns a frozen deep copy (no parameter requires grad). It is
+still an instance of the student's class, with the same attributes and state-dict keys.
 
-``ema_update(teacher, student, alpha)`` after each optimiser step:
+- ``mode="eval"`` (the default): the copy stays in eval mode for good; its ``train()`` is
+  overridden on the instance, so putting the parent :class:`~semibench.method.Method` in train
+  mode never switches on the teacher's dropout or its BatchNorm batch statistics.
+- ``mode="train"``: the copy follows its parent's mode like any submodule: in train mode while
+  the method trains (BN batch statistics, dropout on, its own BN running statistics updated by
+  its forward passes), in eval mode when evaluated. The originals of TCSMv2 and CutMix-Seg run
+  their teachers this way.
+
+``ema_update(teacher, student, alpha, average_buffers)`` after each optimiser step:
 
 - parameters: ``teacher = alpha * teacher + (1 - alpha) * student``;
-- floating-point buffers (BatchNorm running mean/var): the same average. The teacher never runs
-  in train mode, so it has no statistics of its own; averaging the student's, like its weights,
-  keeps them consistent with the averaged weights (the choice of timm's ModelEmaV2);
-- integer buffers (``num_batches_tracked``): copied from the student.
+- with ``average_buffers`` (the default) floating-point buffers (BatchNorm running mean/var) get
+  the same average and integer buffers (``num_batches_tracked``) are copied from the student:
+  an eval-mode teacher has no statistics of its own, and averaging the student's keeps them
+  consistent with the averaged weights (timm's ModelEmaV2; CutMix-Seg's ``EMAWeightOptimizer``);
+- without it the buffers are left alone (parameters only, as TCSM and CDCL's releases): only
+  meaningful for a train-mode teacher, whose forward passes keep its own statistics.
+
+:class:`TeacherSettings` bundles these with the α warm-up ``min(1 − 1/(t+1), α)`` of Tarvainen
+& Valpola's code (t = the 0-based global iteration of the optimiser step just taken).
 """
 from __future__ import annotations
 
 import copy
 import types
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 _TEACHER_FLAG = "_semibench_ema_teacher"
+TEACHER_MODES = ("eval", "train")
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """How one EMA teacher is kept (see the module docstring)."""
+
+    alpha: float
+    average_buffers: bool = True
+    warmup: bool = False  # α_t = min(1 − 1/(t+1), α)
+    mode: str = "eval"  # "eval": always eval; "train": follows the parent's mode
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"EMA alpha must be in [0, 1], got {self.alpha}")
+        if self.mode not in TEACHER_MODES:
+            raise ConfigError(f"teacher mode must be one of {', '.join(TEACHER_MODES)}, got {self.mode!r}")
+        if self.mode == "eval" and not self.average_buffers:
+            raise ConfigError("an eval-mode teacher must average the student's buffers: it never "
+                              "computes BatchNorm statistics itself, so they would stay at their "
+                              "initial values")
+
+    def alpha_at(self, t: int) -> float:
+        """α for the EMA step after global iteration ``t`` (0-based)."""
+        return min(1.0 - 1.0 / (t + 1), self.alpha) if self.warmup else self.alpha
 
 
 def _eval_only_train(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -30,13 +68,18 @@ def _eval_only_train(self: nn.Module, mode: bool = True) -> nn.Module:
     return nn.Module.train(self, False)
 
 
-def make_teacher(student: nn.Module) -> nn.Module:
-    """A frozen, always-eval deep copy of ``student``."""
+def make_teacher(student: nn.Module, mode: str = "eval") -> nn.Module:
+    """A frozen deep copy of ``student``: always in eval mode (``"eval"``) or following its
+    parent's mode (``"train"``)."""
+    if mode not in TEACHER_MODES:
+        raise ConfigError(f"teacher mode must be one of {', '.join(TEACHER_MODES)}, got {mode!r}")
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    object.__setattr__(teacher, "train", types.MethodType(_eval_only_train, teacher))
     object.__setattr__(teacher, _TEACHER_FLAG, True)
+    if mode == "train":
+        return teacher.train(student.training)
+    object.__setattr__(teacher, "train", types.MethodType(_eval_only_train, teacher))
     return teacher.train()
 
 
@@ -45,7 +88,7 @@ def is_teacher(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
+def ema_update(teacher: nn.Module, student: nn.Module, alpha: float, average_buffers: bool = True) -> None:
     """One EMA step, in place on ``teacher`` (see the module docstring for buffers)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"EMA alpha must be in [0, 1], got {alpha}")
@@ -55,6 +98,8 @@ def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
         raise ValueError("teacher and student have different structures")
     for t, s in zip(t_params, s_params):
         t.mul_(alpha).add_(s.detach() * (1.0 - alpha))
+    if not average_buffers:
+        return
     for t, s in zip(t_bufs, s_bufs):
         if t.is_floating_point():
             t.mul_(alpha).add_(s.detach() * (1.0 - alpha))

@@ -11,7 +11,11 @@
   the AMP scaler, the epoch, the best so far and the config fingerprint. A later ``train`` on the
   same directory resumes from it, and refuses when the config differs (naming the keys);
 - ``best.pt``: ``{"model": inference model state_dict, "epoch", "val_dice", "config"}`` of the
-  epoch with the highest validation dice (the first such epoch on ties);
+  epoch with the highest validation dice (the first such epoch on ties). The checkpoint carries a
+  copy (``best_model``), so a resumed run rewrites ``best.pt`` when it is missing or stale: Snakemake
+  deletes an interrupted job's declared outputs, and the replayed epochs need not beat the best
+  one again. A truncated or corrupt checkpoint stops the run with one line, before anything in
+  the run directory is written;
 - ``train_done.json`` last: metadata (versions, device, weights, timings, best epoch).
 
 Epochs are 0-based everywhere in files (``StepInfo.epoch`` too). Every file is written to a
@@ -26,6 +30,7 @@ feature bank, a counter) must keep it in its ``state_dict`` (buffers or ``get_ex
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -47,14 +52,14 @@ from tqdm import tqdm
 
 import semibench
 
-from .augment import AugmentConfig, augment_config, augment_labeled, make_views
+from .augment import VIEW_KINDS, AugmentConfig, augment_config, augment_labeled, make_views
 from .config import RunConfig
 from .data import (BatchSchedule, SampleCache, TrainData, derive_seed, iterations_per_epoch,
                    load_train_data, make_generator)
 from .device import device_name, resolve_device
-from .ema import ema_update, make_teacher
+from .ema import TeacherSettings, ema_update, make_teacher
 from .errors import ConfigError, TrainingError
-from .method import Batch, Method, MethodContext, StepInfo, make_hparams
+from .method import Batch, Method, MethodContext, StepInfo, check_method_class, make_hparams
 from .metrics import Counts, per_image_mean
 from .prepared import PreparedDataset
 from .registry import METHODS
@@ -63,8 +68,9 @@ from .schedules import poly_lr
 MODEL_SELECTION = "val per-image mean dice at the original size (Trainer.validate)"
 LOG_EVERY = 25  # iterations between "train" lines in train.jsonl
 LOSS_PREFIX = "loss/"  # "loss/<optimiser name>": a loss stepped by that optimiser only
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: carries best_model (format 1 resumes while its best.pt is intact)
 STREAM_INIT, STREAM_EPOCH, STREAM_AUG = 11, 12, 13  # random streams (see data.STREAM_*)
+STREAM_MORE_UNLABELED = 14  # seeds of the sample streams of unlabeled batches 1..n-1
 
 
 # ---------------------------------------------------------------------------- small helpers
@@ -159,6 +165,25 @@ def _read_saved_config(path: Path, key: str | None) -> dict | None:
         return None
 
 
+CHECKPOINT_KEYS = ("format", "epoch", "method", "optimizers", "best", "timings", "config_items")
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """The state in ``checkpoint.pt``, or one-line :class:`TrainingError` naming the file and what
+    to do when it is truncated, corrupt or not a semibench checkpoint (never half-loaded)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TrainingError(f"{path} is truncated or corrupt ({type(e).__name__}: {first}); delete "
+                            f"it to restart this run from scratch (the other runs are not affected)") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise TrainingError(f"{path} is not a semibench checkpoint (missing {', '.join(missing)}); "
+                            f"delete it to restart this run from scratch")
+    return state
+
+
 def make_segmenter(cfg: RunConfig) -> nn.Module:
     """A fresh DenseUNet from the run's model config."""
     from .model import build_model
@@ -176,18 +201,23 @@ class EngineContext(MethodContext):
         self.segmenters: list[nn.Module] = []
         self.optimizers: list[torch.optim.Optimizer] = []  # registration order
         self.optimizer_names: list[str] = []  # the same order; checkpoints key optimisers by name
-        self.emas: list[tuple[nn.Module, nn.Module, float]] = []  # (student, teacher, alpha)
+        self.emas: list[tuple[nn.Module, nn.Module, TeacherSettings]] = []  # (student, teacher, settings)
 
     def build_segmenter(self) -> nn.Module:
         net = make_segmenter(self.cfg).to(self.device)
         self.segmenters.append(net)
         return net
 
-    def ema_of(self, module: nn.Module, alpha: float | None = None) -> nn.Module:
-        """A frozen, always-eval copy of ``module``, updated after every optimiser step with
-        ``alpha`` (default: the run's ``train.ema_alpha``)."""
-        teacher = make_teacher(module)
-        self.emas.append((module, teacher, self.cfg.train.ema_alpha if alpha is None else float(alpha)))
+    def ema_of(self, module: nn.Module, alpha: float | None = None, *, average_buffers: bool = True,
+               warmup: bool = False, mode: str = "eval") -> nn.Module:
+        """A frozen copy of ``module``, updated after every optimiser step (semibench.ema):
+        ``alpha`` (default: the run's ``train.ema_alpha``), ``average_buffers`` (BN statistics
+        averaged too, or parameters only), ``warmup`` (α_t = min(1 − 1/(t+1), α)) and ``mode``
+        (``"eval"``: always eval; ``"train"``: follows the method's mode)."""
+        settings = TeacherSettings(alpha=self.cfg.train.ema_alpha if alpha is None else float(alpha),
+                                   average_buffers=bool(average_buffers), warmup=bool(warmup), mode=mode)
+        teacher = make_teacher(module, mode)
+        self.emas.append((module, teacher, settings))
         return teacher
 
     def add_optimizer(self, params, name: str = "main", **adam_options) -> torch.optim.Optimizer:
@@ -240,9 +270,11 @@ class EngineContext(MethodContext):
                                           f"ctx.add_optimizer(params, name=...) so the engine "
                                           f"schedules, steps and checkpoints it")
 
-    def update_teachers(self) -> None:
-        for student, teacher, alpha in self.emas:
-            ema_update(teacher, student, alpha)
+    def update_teachers(self, iteration: int) -> None:
+        """The EMA step after the optimiser step of global iteration ``iteration`` (0-based; the
+        warm-up's t, a function of the step, so a resumed run continues it exactly)."""
+        for student, teacher, settings in self.emas:
+            ema_update(teacher, student, settings.alpha_at(iteration), settings.average_buffers)
 
     def weights_info(self) -> list[dict]:
         return [dict(getattr(net, "weights_info", {"used": "unknown"})) for net in self.segmenters]
@@ -266,6 +298,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, out_dir: Path, data: TrainData | None = None,
                  aug: AugmentConfig | None = None):
+        cfg = cfg.resolved()  # the method's complete hyperparameters, in every file it writes
         self.cfg, self.out_dir = cfg, Path(out_dir)
         t = cfg.train
         self.aug = aug if aug is not None else augment_config(t.augment)
@@ -275,16 +308,13 @@ class Trainer:
         self.lr = float("nan")
         self.device = resolve_device(cfg.device)
         self.method_cls = METHODS.get(cfg.method)
+        check_method_class(self.method_cls, VIEW_KINDS)
         hp_cls = self.method_cls.Hparams
-        if hp_cls is type(None) or hp_cls is None:
-            if cfg.method_params:
-                raise ConfigError(f"method {cfg.method!r} takes no hyperparameters, got "
-                                  f"{', '.join(sorted(cfg.method_params))}")
-            self.hparams = None
-        else:
-            self.hparams = make_hparams(hp_cls, cfg.method_params)
+        self.hparams = (make_hparams(hp_cls, cfg.method_params)
+                        if dataclasses.is_dataclass(hp_cls) else None)
         self.ratio = self.method_cls.fixed_ratio or cfg.ratio
         self.views = self.method_cls.unlabeled_views
+        self.n_unlabeled_batches = self.method_cls.unlabeled_batches if self.views is not None else 0
         self.data = data if data is not None else load_train_data(
             cfg.data_dir, cfg.splits_dir, cfg.dataset, cfg.seed, self.ratio, t.input_size,
             with_unlabeled=self.views is not None)
@@ -296,8 +326,13 @@ class Trainer:
         self.total = self.iterations * t.epochs
         self.schedule = BatchSchedule(len(self.data.labeled), len(self.data.unlabeled),
                                       t.batch_labeled, t.batch_unlabeled, cfg.seed, self.iterations)
+        # unlabeled batches 1..n-1: each its own sample stream (only its unlabeled part is read)
+        self.more_schedules = [
+            BatchSchedule(len(self.data.labeled), len(self.data.unlabeled), t.batch_labeled,
+                          t.batch_unlabeled, derive_seed(cfg.seed, STREAM_MORE_UNLABELED, j), self.iterations)
+            for j in range(1, max(1, self.n_unlabeled_batches))]
         self.amp = bool(t.amp and self.device.type == "cuda")
-        self.images_per_step = t.batch_labeled + (t.batch_unlabeled if self.views is not None else 0)
+        self.images_per_step = t.batch_labeled + self.n_unlabeled_batches * t.batch_unlabeled
 
         seed_everything(derive_seed(cfg.seed, STREAM_INIT))
         self.ctx = EngineContext(cfg, self.device)
@@ -308,7 +343,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
         self.start_epoch = 0
+        self.val_extra: dict[str, float] = {}  # val_dice/<name> of extra_validation_models()
         self.best = {"epoch": -1, "val_dice": -math.inf}
+        self.best_model: dict | None = None  # inference state_dict (CPU) of the best epoch
         self.timings = {"train_s": 0.0, "val_s": 0.0, "images": 0}
 
     # -- state ---------------------------------------------------------------------------
@@ -320,17 +357,14 @@ class Trainer:
             "optimizers": {n: o.state_dict() for n, o in self.ctx.named_optimizers().items()},
             "scaler": self.scaler.state_dict(),
             "best": dict(self.best),
+            "best_model": self.best_model,  # best.pt can always be re-derived (Snakemake deletes it)
             "timings": dict(self.timings),
             "fingerprint": self.cfg.fingerprint(),
             "config_items": self.cfg.fingerprint_items(),
         }
 
     def load_checkpoint(self, path: Path) -> None:
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as e:
-            raise TrainingError(f"{path} cannot be read ({type(e).__name__}: {e}); delete it to "
-                                f"start the run over") from None
+        state = read_checkpoint(path, self.device)
         _check_same_config(state.get("config_items", {}), self.cfg, path)
         saved_opts = state["optimizers"]
         if isinstance(saved_opts, list):  # written before optimisers had names: registration order
@@ -339,13 +373,19 @@ class Trainer:
         if sorted(saved_opts) != sorted(self.ctx.optimizer_names):
             raise TrainingError(f"{path} holds optimiser states {sorted(saved_opts)}, the method has "
                                 f"{sorted(self.ctx.optimizer_names)}; delete {path} to start the run over")
-        self.method.load_state_dict(state["method"])
-        for name, opt in self.ctx.named_optimizers().items():
-            opt.load_state_dict(saved_opts[name])
+        try:
+            self.method.load_state_dict(state["method"])
+            for name, opt in self.ctx.named_optimizers().items():
+                opt.load_state_dict(saved_opts[name])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrainingError(f"{path} does not fit this run's method ({first}); delete it to "
+                                f"start the run over") from None
         if state.get("scaler") and self.scaler.is_enabled():  # AMP state only matters on CUDA
             self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"]) + 1
         self.best = dict(state["best"])
+        self.best_model = state.get("best_model")
         self.timings = dict(state["timings"])
 
     # -- one step ------------------------------------------------------------------------
@@ -360,11 +400,15 @@ class Trainer:
         gen = make_generator(self.cfg.seed, STREAM_AUG, epoch, it)
         idx = self.schedule.labeled(epoch, it)
         x, y = augment_labeled(d.labeled.images[idx].to(dev), d.labeled.masks[idx].to(dev), gen, self.aug)
-        unlabeled = {}
+        unlabeled, more = {}, []
         if self.views is not None:
             u = d.unlabeled.images[self.schedule.unlabeled(epoch, it)].to(dev)
-            unlabeled = make_views(self.views, u, gen, self.aug)
-        return Batch(labeled_image=x, labeled_mask=y, unlabeled=unlabeled)
+            unlabeled = make_views(self.views, u, gen, self.aug, **self.method_cls.view_options)
+            for j, schedule in enumerate(self.more_schedules, start=1):
+                u = d.unlabeled.images[schedule.unlabeled(epoch, it)].to(dev)
+                gen_j = make_generator(self.cfg.seed, STREAM_AUG, epoch, it, j)
+                more.append(make_views(self.views, u, gen_j, self.aug, **self.method_cls.view_options))
+        return Batch(labeled_image=x, labeled_mask=y, unlabeled=unlabeled, more_unlabeled=more)
 
     def train_step(self, epoch: int, it: int) -> dict[str, float]:
         """One optimisation step; returns the losses as floats. Raises :class:`TrainingError`
@@ -383,7 +427,7 @@ class Trainer:
             losses = {"loss": sum(v.detach().float() for _, v in per_optimizer), **losses}
         values = self._loss_values(losses, iteration, epoch, it)
         self._update(losses["loss"], per_optimizer)
-        self.ctx.update_teachers()
+        self.ctx.update_teachers(iteration)
         return values
 
     def _per_optimizer_losses(self, losses: dict) -> list[tuple[str, torch.Tensor]]:
@@ -463,10 +507,16 @@ class Trainer:
         was_training = self.method.training
         source = SampleCache(self.data.val_samples) if self.data.val_samples else PreparedDataset(
             Path(self.cfg.data_dir) / "prepared" / self.cfg.dataset)
-        rows = predict_counts(model, source, list(self.data.val.ids), self.cfg.train.input_size,
-                              self.cfg.train.eval_batch_size, self.device, amp=self.amp)
+        def dice(net) -> float:
+            rows = predict_counts(net, source, list(self.data.val.ids), self.cfg.train.input_size,
+                                  self.cfg.train.eval_batch_size, self.device, amp=self.amp)
+            return per_image_mean([Counts(r["tp"], r["fp"], r["tn"], r["fn"]) for r in rows])["dice"]
+        score = dice(model)
+        # Method.extra_validation_models: logged as val_dice/<name> in the epoch line, not selected on
+        self.val_extra = {f"val_dice/{name}": score if net is model else dice(net)
+                          for name, net in self.method.extra_validation_models().items()}
         self.method.train(was_training)
-        return per_image_mean([Counts(r["tp"], r["fp"], r["tn"], r["fn"]) for r in rows])["dice"]
+        return score
 
     # -- the run -------------------------------------------------------------------------
     def run(self, on_epoch_end: Callable[[int], None] | None = None) -> Path:
@@ -474,6 +524,7 @@ class Trainer:
         ckpt_path = out / "checkpoint.pt"
         if ckpt_path.exists():
             self.load_checkpoint(ckpt_path)
+            self._restore_best(out)  # before anything is written: a bad checkpoint changes nothing
         write_json_atomic(out / "config.json", cfg.to_dict())
         log_path = out / "train.jsonl"
         self._truncate_log(log_path, self.start_epoch)
@@ -494,22 +545,47 @@ class Trainer:
                 self.timings["val_s"] += val_s
                 if val_dice > self.best["val_dice"]:
                     self.best = {"epoch": epoch, "val_dice": val_dice}
-                    torch_save_atomic(out / "best.pt", {
-                        "model": self.method.inference_model().state_dict(), "epoch": epoch,
-                        "val_dice": val_dice, "model_selection": MODEL_SELECTION,
-                        "config": cfg.to_dict()})
+                    self.best_model = {k: v.detach().to("cpu", copy=True)
+                                       for k, v in self.method.inference_model().state_dict().items()}
+                    self._write_best(out)
                 # the log line before the checkpoint: a kill in between replays the epoch, and
                 # the replay first drops the epoch's lines
                 self._log(log, event="epoch", epoch=epoch, iteration=(epoch + 1) * self.iterations,
-                          lr=lr, losses=epoch_losses, val_dice=val_dice,
+                          lr=lr, losses=epoch_losses, val_dice=val_dice, **self.val_extra,
                           best_epoch=self.best["epoch"], best_val_dice=self.best["val_dice"],
                           img_per_s=self.iterations * self.images_per_step / max(train_s, 1e-9),
                           train_s=train_s, val_s=val_s, peak_mem_mb=peak_memory_mb(self.device))
                 torch_save_atomic(ckpt_path, self.checkpoint_state(epoch))
                 if on_epoch_end is not None:
                     on_epoch_end(epoch)
+        self._restore_best(out)
         self._write_done(infos, note, time.perf_counter() - wall0)
         return out
+
+    def _write_best(self, out: Path) -> None:
+        torch_save_atomic(out / "best.pt", {
+            "model": self.best_model, "epoch": self.best["epoch"], "val_dice": self.best["val_dice"],
+            "model_selection": MODEL_SELECTION, "config": self.cfg.to_dict()})
+
+    def _restore_best(self, out: Path) -> None:
+        """Make ``best.pt`` hold the best epoch so far. Snakemake deletes an interrupted job's
+        declared outputs (best.pt among them) before the rerun, and the resumed epochs need not
+        beat the best one again, so the checkpoint's copy is written back."""
+        if self.best["epoch"] < 0:
+            return
+        path = out / "best.pt"
+        if path.exists():
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                if saved.get("epoch") == self.best["epoch"] and isinstance(saved.get("model"), dict):
+                    return
+            except Exception:
+                pass  # unreadable: rewritten below
+        if self.best_model is None:
+            raise TrainingError(f"{out / 'checkpoint.pt'} has no copy of the best epoch "
+                                f"({self.best['epoch']}) and {path} is missing or stale (a checkpoint "
+                                f"of an older semibench); delete {out} to start the run over")
+        self._write_best(out)
 
     def _train_epoch(self, epoch: int, log) -> tuple[dict[str, float], float, float]:
         cfg = self.cfg
@@ -588,17 +664,27 @@ class Trainer:
         write_json_atomic(self.out_dir / "train_done.json", done)
 
 
+def _readable_best(path: Path) -> bool:
+    try:
+        return isinstance(torch.load(path, map_location="cpu", weights_only=True).get("model"), dict)
+    except Exception:
+        return False
+
+
 def train(cfg: RunConfig, out_dir: Path, *, on_epoch_end: Callable[[int], None] | None = None) -> Path:
     """Train one run into ``out_dir`` (created if needed), resuming from its ``checkpoint.pt``.
     Returns ``out_dir``. A finished run (``train_done.json`` under the same config) is not
     trained again. ``on_epoch_end(epoch)`` is called after each epoch's checkpoint is written."""
     out_dir = Path(out_dir)
+    cfg = cfg.resolved()  # compare complete hyperparameters with what the directory holds
     done = out_dir / "train_done.json"
     if done.exists():
         saved = _read_saved_config(done, "config")
         if saved is not None:
             _check_same_config(saved, cfg, done)
-            return out_dir
+            if _readable_best(out_dir / "best.pt") or not (out_dir / "checkpoint.pt").exists():
+                return out_dir
+            # best.pt lost or damaged after the run finished: re-derived from the checkpoint below
     if (out_dir / "checkpoint.pt").exists():  # refuse before loading any data
         saved = _read_saved_config(out_dir / "config.json", None)
         if saved is not None:

@@ -10,11 +10,36 @@ How the planned methods fit:
 - auxiliary decoders on perturbed features (CCT): plain submodules of the method reading
   ``SegOutput.features``; give them to ``ctx.add_optimizer``.
 - an EMA teacher: ``self.teacher = ctx.ema_of(self.student)``; the engine updates it after each
-  optimiser step with the configured alpha.
+  optimiser step. Per-method teacher settings (keyword arguments of ``ema_of``, see
+  :mod:`semibench.ema`): ``alpha`` (default the run's ``train.ema_alpha``), ``average_buffers``
+  (True: BN running statistics averaged like the weights; False: parameters only),
+  ``warmup`` (α_t = min(1 − 1/(t+1), α), t the 0-based global iteration) and ``mode``
+  (``"eval"``: the teacher always predicts as at test time; ``"train"``: it follows the method's
+  mode, BN batch statistics and dropout on while training, as in TCSMv2's and CutMix-Seg's
+  code). The defaults (run alpha, buffers averaged, no warm-up, eval) are Mean Teacher's and
+  CDCL's.
+- several unlabeled batches (CutMix-Seg mixes pairs of images): the class attribute
+  ``unlabeled_batches = n`` asks for n independently drawn unlabeled batches of
+  ``train.batch_unlabeled`` images each. ``batch.unlabeled`` holds the views of the first,
+  ``batch.more_unlabeled`` those of the others (``batch.unlabeled_batches()``: all n). Batch 0 is
+  the one every method gets; batch j ≥ 1 is drawn from its own sample stream (its own shuffle of
+  the unlabeled set per epoch) with its own augmentation generator, each a function of (seed,
+  epoch, iteration, j), so runs and resumes stay reproducible. The img/s and the images counted
+  in ``train_done.json`` include all n batches.
 - method-specific unlabeled views: the class attribute ``unlabeled_views`` names a view kind
   built by ``semibench.augment`` (``"weak_strong"``: pixel-aligned weak and strong views;
   ``"single"``; ``"two_crops"``: two overlapping crops and their overlap boxes). Geometric
-  transforms that must be inverted (TCSMv2) are applied by the method on tensors.
+  transforms that must be inverted (TCSMv2) are applied by the method on tensors. The engine
+  checks ``unlabeled_views`` and ``unlabeled_batches`` once, when it builds the method
+  (:func:`check_method_class`).
+- shared loss pieces (cross-entropy, softmax-MSE, invertible flip/rot90, CutMix boxes) live in
+  :mod:`semibench.losses`; a method imports them rather than writing its own copy.
+- resolved hyperparameters: every run records its method's *complete* hyperparameters (the
+  dataclass defaults merged with the config's overrides, :func:`resolved_hparams`) in
+  ``config.json``, the resume fingerprint, ``train_done.json``/``metrics.json`` meta and the
+  workflow's per-job params, under ``method_params.<method>``. Editing a default in a method
+  file therefore re-runs exactly that method's jobs, and a resume across the edit is refused
+  naming the key (``method_params.<method>.<key>``).
 - several validated networks (GCT's two task models): :meth:`Method.extra_validation_models`
   names the networks besides :meth:`Method.inference_model` whose validation Dice the engine
   also logs (``val_dice/<name>`` in the ``"epoch"`` lines of ``train.jsonl``); model selection
@@ -62,6 +87,12 @@ class Batch:
     labeled_image: torch.Tensor  # (B, 3, H, W) float
     labeled_mask: torch.Tensor  # (B, H, W) long, 0 = background, 1 = nucleus
     unlabeled: dict[str, torch.Tensor] = field(default_factory=dict)  # the method's view kind
+    # the views of unlabeled batches 1..n-1 for a method with ``unlabeled_batches = n``
+    more_unlabeled: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+    def unlabeled_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The views of every unlabeled batch of the step, batch 0 first."""
+        return [self.unlabeled, *self.more_unlabeled]
 
 
 @dataclass
@@ -104,7 +135,9 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     Hparams: ClassVar[type] = type(None)
     unlabeled_views: ClassVar[str | None] = "weak_strong"  # None: labeled data only
+    view_options: ClassVar[dict] = {}  # keyword options of the view kind, e.g. two_crops' stride
     fixed_ratio: ClassVar[int | None] = None  # e.g. FullSup trains with every train sample labeled
+    unlabeled_batches: ClassVar[int] = 1  # independently drawn unlabeled batches per step
 
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
         """Return named losses; ``"loss"`` is the total that the engine back-propagates."""
@@ -129,3 +162,35 @@ def make_hparams(cls: type, overrides: Mapping[str, Any] | None) -> Any:
         raise ConfigError(f"unknown hyperparameter(s) for {cls.__qualname__}: {', '.join(unknown)}; "
                           f"known: {', '.join(sorted(known))}")
     return cls(**overrides)
+
+
+def _has_hparams(method_cls: type) -> bool:
+    hp = getattr(method_cls, "Hparams", None)
+    return hp is not None and hp is not type(None)
+
+
+def resolved_hparams(method_cls: type, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The method's complete hyperparameters: ``dataclasses.asdict`` of its ``Hparams`` built
+    from the defaults plus ``overrides`` (checked by :func:`make_hparams`); ``{}`` for a method
+    without hyperparameters (which then refuses any override)."""
+    if not _has_hparams(method_cls):
+        if overrides:
+            raise ConfigError(f"method {getattr(method_cls, 'name', method_cls.__name__)!r} takes no "
+                              f"hyperparameters, got {', '.join(sorted(overrides))}")
+        return {}
+    return dataclasses.asdict(make_hparams(method_cls.Hparams, overrides))
+
+
+def check_method_class(method_cls: type, view_kinds) -> None:
+    """The engine's one check of what a method declares: ``unlabeled_views`` is None or a known
+    view kind, ``unlabeled_batches`` a positive integer."""
+    name = getattr(method_cls, "name", "") or method_cls.__name__
+    views = getattr(method_cls, "unlabeled_views", None)
+    if views is not None and views not in view_kinds:
+        raise ConfigError(f"method {name!r} declares unlabeled_views={views!r}, not a view kind; "
+                          f"known: {', '.join(sorted(view_kinds))} (or None: labeled data only)")
+    n = getattr(method_cls, "unlabeled_batches", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"method {name!r} declares unlabeled_batches={n!r}; it must be an integer >= 1")
+    if views is None and n != 1:
+        raise ConfigError(f"method {name!r} declares unlabeled_batches={n} but no unlabeled_views")

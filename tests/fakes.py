@@ -1,33 +1,25 @@
-"""A minimal MethodContext for unit tests of methods, independent of the engine."""
+"""The engine's own method context for unit tests of methods: :class:`FakeContext` is an
+:class:`~semibench.engine.EngineContext` (same EMA teachers, optimiser registration and checks)
+whose segmenters come from a test's factory instead of the run's model config."""
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch
 from torch import nn
 
-from semibench.method import MethodContext
+from semibench.config import RunConfig, TrainConfig
+from semibench.engine import EngineContext
 
 
-class FakeContext(MethodContext):
-    def __init__(self, make_net: Callable[[], nn.Module], lr: float = 1e-3):
-        self.device = torch.device("cpu")
+class FakeContext(EngineContext):
+    def __init__(self, make_net: Callable[[], nn.Module], lr: float = 1e-3, ema_alpha: float = 0.999):
+        cfg = RunConfig(dataset="toy", method="suponly", ratio=2, seed=0, device="cpu",
+                        train=TrainConfig(backbone="tiny", weights="none", lr=lr, ema_alpha=ema_alpha))
+        super().__init__(cfg, torch.device("cpu"))
         self.make_net, self.lr = make_net, lr
-        self.optimizers: list[torch.optim.Optimizer] = []
-        self.emas: list[tuple[nn.Module, nn.Module]] = []
 
     def build_segmenter(self) -> nn.Module:
-        return self.make_net()
-
-    def ema_of(self, module: nn.Module) -> nn.Module:
-        teacher = copy.deepcopy(module).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        self.emas.append((module, teacher))
-        return teacher
-
-    def add_optimizer(self, params) -> torch.optim.Optimizer:
-        opt = torch.optim.Adam(params, lr=self.lr)
-        self.optimizers.append(opt)
-        return opt
+        net = self.make_net()
+        self.segmenters.append(net)
+        return net

@@ -52,7 +52,7 @@ def write_toy_dataset(root: Path, n_train=12, n_val=4, n_test=2, h=40, w=48, see
 def toy_config(root: Path, method: str, ratio: int = 2, seed: int = 0, method_params=None,
                **train_kw) -> RunConfig:
     t = dict(backbone="tiny", weights="none", input_size=64, batch_labeled=2, batch_unlabeled=2,
-             epochs=3, unsup_start_epoch=1, eval_batch_size=4, num_workers=0)
+             epochs=3, unsup_start_epoch=1, eval_batch_size=4)
     t.update(train_kw)
     return RunConfig(dataset="toy", method=method, ratio=ratio, seed=seed,
                      data_dir=str(root / "data"), splits_dir=str(root / "splits"), device="cpu",
@@ -157,16 +157,24 @@ def test_one_step_changes_student_and_teacher_follows_ema(method, toy_root, tmp_
     assert np.isfinite(values["loss"])
     changed = sum(not torch.equal(b, p) for b, p in zip(before, opt_params))
     assert changed > len(opt_params) // 2, f"{method}: only {changed}/{len(opt_params)} tensors moved"
-    for (student, teacher, alpha), t0 in zip(tr.ctx.emas, teachers_before):
-        assert alpha == 0.9 or method not in ("_test_mt", "meanteacher", "cdcl")  # the run's alpha
+    for (student, teacher, settings), t0 in zip(tr.ctx.emas, teachers_before):
+        if method in ("_test_mt", "meanteacher", "cdcl"):  # the defaults: run alpha, eval, buffers
+            assert (settings.alpha, settings.mode, settings.average_buffers, settings.warmup) == \
+                (0.9, "eval", True, False)
+        alpha = settings.alpha_at(0)  # the EMA step after global iteration 0
         s1, t1 = student.state_dict(), teacher.state_dict()
+        param_keys = {k for k, _ in teacher.named_parameters()}
         for key, old in t0.items():
-            if old.is_floating_point():  # parameters and BN running stats: the EMA formula, exactly
+            if key in param_keys or (settings.average_buffers and old.is_floating_point()):
+                # parameters (and BN running stats when averaged): the EMA formula, exactly
                 expected = alpha * old + (1 - alpha) * s1[key]
                 assert torch.equal(t1[key], expected), f"{method}: {key}"
-            else:  # num_batches_tracked is copied
+            elif settings.average_buffers:  # num_batches_tracked is copied
                 assert torch.equal(t1[key], s1[key])
-        assert not teacher.training and all(not m.training for m in teacher.modules())
+        if settings.mode == "eval":
+            assert not teacher.training and all(not m.training for m in teacher.modules())
+        else:  # follows the method: in train mode while it trains
+            assert teacher.training == tr.method.training
         assert all(not p.requires_grad for p in teacher.parameters())
 
 
@@ -232,10 +240,12 @@ def test_train_augment_config_reaches_the_labeled_pipeline(toy_root, tmp_path, l
 
 def test_run_writes_all_outputs(toy_root, tmp_path, local_methods):
     out = tmp_path / "run"
-    cfg = toy_config(toy_root, "_test_mt", epochs=2, weights="imagenet")  # tiny: no ImageNet weights
+    raw = toy_config(toy_root, "_test_mt", epochs=2, weights="imagenet")  # tiny: no ImageNet weights
     with pytest.warns(UserWarning, match="UNAVAILABLE"):
-        assert train(cfg, out) == out
+        assert train(raw, out) == out
+    cfg = raw.resolved()  # the files hold the method's complete hyperparameters
     assert json.loads((out / "config.json").read_text()) == cfg.to_dict()
+    assert cfg.to_dict()["method_params"] == {"_test_mt": {"w_cons": 1.0, "nan_at": -1}}
     lines = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
     epochs = [x for x in lines if x["event"] == "epoch"]
     steps = [x for x in lines if x["event"] == "train"]
@@ -289,7 +299,8 @@ def test_resume_under_another_config_is_refused(toy_root, tmp_path, local_method
     cfg = toy_config(toy_root, "_test_mt", epochs=1)
     train(cfg, out)
     other = toy_config(toy_root, "_test_mt", epochs=1, lr=3e-4, method_params={"w_cons": 2.0})
-    with pytest.raises(TrainingError, match=r"differing keys: method_params\.w_cons \('<absent>' → 2\.0\), "
+    # hyperparameters are recorded resolved (defaults + overrides): the key and both values
+    with pytest.raises(TrainingError, match=r"differing keys: method_params\._test_mt\.w_cons \(1\.0 → 2\.0\), "
                                             r"train\.lr \(0\.0001 → 0\.0003\)"):
         train(other, out)
     (out / "train_done.json").unlink()  # an unfinished run: the checkpoint refuses
