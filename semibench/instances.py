@@ -173,10 +173,10 @@ def _compact(labels: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
     if top > 4 * labels.size:  # sparse huge ids: sort instead of a lookup table
         present, inverse = np.unique(labels, return_inverse=True)
         inverse = inverse.reshape(labels.shape)
-        if present[0] != 0:
+        if present[0] != 0:  # no background: ids start at 1 all the same
             inverse = inverse + 1
-        area = np.bincount(inverse.ravel(), minlength=len(present) + 1)
-        return inverse, area[1:]
+        n = len(present) - int(present[0] == 0)
+        return inverse, np.bincount(inverse.ravel(), minlength=n + 1)[1:]
     area = np.bincount(labels.ravel(), minlength=top + 1)
     present = np.flatnonzero(area[1:]) + 1
     if len(present) == top:  # already 1..n
