@@ -122,6 +122,15 @@ def cmd_evaluate(args) -> None:
     from . import gpu
 
     run_dir = Path(args.run)
+    # instance options only when given: the defaults live in semibench.evaluate
+    opts = {k: v for k, v in (("instances", args.instances), ("min_object_size", args.min_object_size))
+            if v is not None}
+    if args.metrics_only:  # from the saved predictions: no model, no GPU
+        from .evaluate import rescore_run
+        result = rescore_run(run_dir, **opts)
+        print(json.dumps({k: result[k] for k in ("pooled", "per_image_mean", "dataset_level")},
+                         indent=1))
+        return
     config_file = run_dir / "config.json"
     device = args.device
     if device is None and config_file.exists():
@@ -129,20 +138,37 @@ def cmd_evaluate(args) -> None:
     slot = gpu.claim_for(device or "auto")
     _set_threads(args.threads)
     from .evaluate import evaluate_run
-    result = evaluate_run(run_dir, device=args.device)
+    result = evaluate_run(run_dir, device=args.device, **opts)
     print(json.dumps({k: result[k] for k in ("pooled", "per_image_mean") if k in result}, indent=1))
     del slot
 
 
 def cmd_report(args) -> None:
-    from .report.tables import write_table1
+    """Tables, statistics and figures from whatever runs exist: missing cells are marked, not
+    fatal (``--strict``: a comparison that cannot be paired is an error)."""
+    from .report import build
 
     files = [Path(f) for f in args.metrics or []]
     for pattern in args.runs or []:
         files += sorted(Path(p) for p in glob.glob(pattern, recursive=True))
     if not files:
         raise ConfigError("no metrics files given or matched (--metrics FILE ... or --runs GLOB)")
-    for path in write_table1(files, Path(args.out), convention=args.convention):
+    cfg = _workflow_config(args) if (args.config or args.config_json) else {}
+    if args.convention:
+        cfg = dict(cfg, report=dict(cfg.get("report") or {}, convention=args.convention))
+    results, plan = build.load(files, cfg)
+    out = Path(args.out)
+    steps = ("stats", "tables", "figures") if args.step == "all" else (args.step,)
+    written = []
+    if "stats" in steps:
+        written += build.write_stats(results, plan, out / "stats", strict=args.strict)
+    if "tables" in steps:
+        comparisons = build.read_comparisons(out / "stats" / "comparisons.csv")
+        written += build.write_tables(results, plan, out / "tables", comparisons)
+    if "figures" in steps:
+        from .report import figures
+        written += figures.write_figures(results, plan, out / "stats", out / "figures", cfg)
+    for path in written:
         print(path)
 
 
@@ -211,15 +237,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, metavar="DIR", help="the run directory")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the run's device)")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
+    p.add_argument("--instances", metavar="MODE",
+                   help="nuclei from the predicted mask: components (default) | watershed")
+    p.add_argument("--min-object-size", type=int, metavar="PX",
+                   help="drop predicted objects of fewer pixels (default 0)")
+    p.add_argument("--metrics-only", action="store_true",
+                   help="recompute metrics.json and per_image.csv from the run's saved predictions/")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("report", help="write results/tables/table1.csv and table1.md from metrics files")
+    p = sub.add_parser("report", help="tables, statistics and figures from run metrics "
+                                      "(<out>/tables, <out>/stats, <out>/figures)")
     p.add_argument("--metrics", nargs="+", metavar="FILE", help="metrics.json files")
     p.add_argument("--runs", action="append", metavar="GLOB",
                    help="glob for metrics files, e.g. 'results/runs/**/metrics.json'")
-    p.add_argument("--out", default="results/tables", metavar="DIR")
-    p.add_argument("--convention", choices=("per_image_mean", "pooled"), default="per_image_mean",
-                   help="which metrics.json values to tabulate (default: per_image_mean)")
+    _config_args(p, data_dir=False)
+    p.add_argument("--out", default="results", metavar="DIR",
+                   help="writes DIR/tables, DIR/stats and DIR/figures (default: results)")
+    p.add_argument("--step", choices=("all", "stats", "tables", "figures"), default="all",
+                   help="one step only (the workflow runs them as separate rules)")
+    p.add_argument("--convention", choices=("per_image_mean", "pooled"),
+                   help="which metrics.json values the tables show (default: config report."
+                        "convention, else per_image_mean)")
+    p.add_argument("--strict", action="store_true",
+                   help="fail when a declared comparison cannot be paired (default: leave it "
+                        "untested, with the reason in the stats)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("gpu-slot", help="run CMD holding a free GPU slot (sets CUDA_VISIBLE_DEVICES)",

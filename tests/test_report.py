@@ -1,137 +1,223 @@
-"""Table 1 from hand-made metrics files: means and sample standard deviations computed by hand."""
+"""Table 1 / Table 2 from hand-made run directories: means and stds by hand, bold, ties, marks,
+FullSup never bold, missing cells, LaTeX cells (compiled when pdflatex is there), the CLI."""
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from semibench.cli import main
 from semibench.errors import DataError
-from semibench.report.tables import METRICS, read_table1, write_table1
+from semibench.report import build
+from semibench.report.read import FALLBACK_METRIC_INFO, read_runs
+
+PIXEL = list(FALLBACK_METRIC_INFO)
+CONFIG = {
+    "grid": {"datasets": ["dsb2018"], "methods": ["suponly", "meanteacher", "cdcl"], "ratios": [32, 8],
+             "fullsup": True, "seeds": [0, 1, 2]},
+    "ablation": {"datasets": ["dsb2018"], "methods": ["cdcl-scheme1"], "ratios": [32], "seeds": [0, 1, 2]},
+    "report": {"n_resamples": 999, "n_boot_rank": 50},
+}
 
 
-def _metrics(per_image: dict, pooled: dict | None = None, meta: dict | None = None) -> dict:
-    """A metrics.json: every metric gets the given value unless listed (dice varies below)."""
-    doc = {"per_image_mean": {m: per_image.get(m, 0.5) for m in METRICS},
-           "pooled": {m: (pooled or {}).get(m, 0.25) for m in METRICS}}
-    if meta is not None:  # as semibench.evaluate writes it
-        doc["meta"] = meta
-    return doc
+def write_run(root: Path, dataset, method, ratio, seed, dice: np.ndarray, extra=None,
+              source_ids=None, meta=True) -> Path:
+    """A run directory as semibench.evaluate writes it: per-image Dice `dice`, the other pixel
+    metrics 0.5 (accuracy 0.9), metrics.json means of those."""
+    run = root / dataset / method / f"r{ratio}" / f"seed{seed}"
+    run.mkdir(parents=True, exist_ok=True)
+    ids = [f"img{i}" for i in range(len(dice))]
+    frame = pd.DataFrame({"id": ids, "source_id": source_ids or ids, "height": 8, "width": 8,
+                          "tp": 1, "fp": 1, "tn": 1, "fn": 1, "dice": dice, "jaccard": 0.5,
+                          "accuracy": 0.9, "specificity": 0.5, "sensitivity": 0.5})
+    frame.to_csv(run / "per_image.csv", index=False)
+    means = {m: float(frame[m].mean()) for m in PIXEL}
+    doc = {"per_image_mean": means, "pooled": dict(means, dice=float(frame["dice"].mean()) - 0.01),
+           "metric_info": FALLBACK_METRIC_INFO, **(extra or {})}
+    if meta:
+        doc["meta"] = {"dataset": dataset, "method": method, "ratio": ratio, "seed": seed}
+    (run / "metrics.json").write_text(json.dumps(doc))
+    lines = [{"event": "epoch", "epoch": e, "losses": {"loss": 1.0 / (e + 1)}, "val_dice": 0.5 + 0.1 * e}
+             for e in range(3)]
+    (run / "train.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return run / "metrics.json"
 
 
-def _write(root: Path, dataset, method, ratio, seed, doc) -> Path:
-    path = root / dataset / method / f"r{ratio}" / f"seed{seed}" / "metrics.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc))
-    return path
+def make_runs(root: Path, n_images=14, skip=()) -> list[Path]:
+    """dsb2018: cdcl clearly best, meanteacher ~ suponly + 2 points, suponly; fullsup on top;
+    Table 2's scheme1 below cdcl. Same 14 test images in every seed (MoNuSeg-like)."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.6, 0.8, n_images)
+    shift = {"suponly": 0.0, "meanteacher": 0.02, "cdcl": 0.06, "cdcl-scheme1": 0.01, "fullsup": 0.15}
+    files = []
+    for method, s in shift.items():
+        for ratio in ((1,) if method == "fullsup" else (32, 8) if method != "cdcl-scheme1" else (32,)):
+            for seed in range(3):
+                if (method, ratio, seed) in skip:
+                    continue
+                noise = rng.normal(0, 0.004, n_images)
+                dice = np.clip(base + s + noise + (0.02 if ratio == 8 else 0), 0, 1)
+                files.append(write_run(root, "dsb2018", method, ratio, seed, dice))
+    return files
 
 
 @pytest.fixture
-def files(tmp_path) -> list[Path]:
-    runs = tmp_path / "runs"
-    out = []
-    # suponly 1/8 on dsb2018: dice 0.80, 0.82, 0.84 -> mean 0.82, std sqrt((.02²+0+.02²)/2) = 0.02
-    #                         jaccard 0.6, 0.7, 0.9 -> mean 0.7333, std 0.152753 (below)
-    for seed, dice, jac, pooled_dice in ((0, 0.80, 0.6, 0.70), (1, 0.82, 0.7, 0.76), (2, 0.84, 0.9, 0.73)):
-        out.append(_write(runs, "dsb2018", "suponly", 8, seed,
-                          _metrics({"dice": dice, "jaccard": jac}, {"dice": pooled_dice})))
-    # meanteacher 1/32 (two seeds): dice 0.5 and 0.7 -> mean 0.6, std sqrt(2·0.1²/1) = 0.141421...
-    for seed, dice in ((0, 0.5), (1, 0.7)):
-        out.append(_write(runs, "dsb2018", "meanteacher", 32, seed, _metrics({"dice": dice})))
-    # fullsup on monuseg, one seed: no spread
-    out.append(_write(runs, "monuseg", "fullsup", 1, 0, _metrics({"dice": 0.9})))
-    return out
+def runs(tmp_path):
+    return make_runs(tmp_path / "runs")
 
 
-def _row(rows, dataset, ratio, method, metric):
-    hits = [r for r in rows if (r["dataset"], r["ratio"], r["method"], r["metric"]) ==
-            (dataset, ratio, method, metric)]
-    assert len(hits) == 1
-    return hits[0]
+def _table(tmp_path, files, config=CONFIG):
+    results, plan = build.load(files, config)
+    build.write_stats(results, plan, tmp_path / "stats")
+    comps = build.read_comparisons(tmp_path / "stats" / "comparisons.csv")
+    build.write_tables(results, plan, tmp_path / "tables", comps)
+    return pd.read_csv(tmp_path / "tables" / "table1.csv"), comps
 
 
-def test_means_and_sample_stds(files, tmp_path):
-    csv_path, md_path = write_table1(files, tmp_path / "tables")
-    assert csv_path.read_text().splitlines()[0] == "dataset,ratio,method,metric,mean,std,n_seeds"
-    rows = read_table1(csv_path)
-    assert len(rows) == 3 * len(METRICS)  # 3 (dataset, ratio, method) cells x 5 metrics
-    r = _row(rows, "dsb2018", 8, "suponly", "dice")
-    assert r["mean"] == pytest.approx(0.82, abs=1e-12)
-    assert r["std"] == pytest.approx(0.02, abs=1e-12)
-    assert r["n_seeds"] == 3
-    r = _row(rows, "dsb2018", 8, "suponly", "jaccard")
-    # mean 2.2/3; deviations -2/15, -1/30, 1/6: squares 0.017778 + 0.001111 + 0.027778 = 0.046667,
-    # / (n - 1) = 0.023333, sqrt = 0.152753
-    mean = 2.2 / 3
-    assert r["mean"] == pytest.approx(mean, abs=1e-12)
-    assert r["std"] == pytest.approx(math.sqrt(((0.6 - mean) ** 2 + (0.7 - mean) ** 2 + (0.9 - mean) ** 2) / 2), abs=1e-12)
-    assert r["std"] == pytest.approx(0.1527525231651947, abs=1e-12)
-    r = _row(rows, "dsb2018", 8, "suponly", "accuracy")
-    assert (r["mean"], r["std"]) == (pytest.approx(0.5), pytest.approx(0.0, abs=1e-15))
-    r = _row(rows, "dsb2018", 32, "meanteacher", "dice")
-    assert (r["mean"], r["std"], r["n_seeds"]) == (pytest.approx(0.6), pytest.approx(math.sqrt(0.02)), 2)
-    r = _row(rows, "monuseg", 1, "fullsup", "dice")
-    assert r["mean"] == pytest.approx(0.9) and math.isnan(r["std"]) and r["n_seeds"] == 1
-    # one seed: std left empty in the CSV
-    assert "monuseg,1,fullsup,dice,0.9,,1" in csv_path.read_text().splitlines()
+def test_table1_values_bold_and_marks(runs, tmp_path):
+    t1, comps = _table(tmp_path, runs)
+    dice = t1[t1["metric"] == "dice"].set_index(["ratio", "method"])
+    # mean/std over the 3 seeds, by hand from the per-image files
+    per_run = [pd.read_csv(f.parent / "per_image.csv")["dice"].mean() for f in runs
+               if "/suponly/r32/" in f.as_posix()]
+    assert dice.loc[(32, "suponly"), "mean"] == pytest.approx(np.mean(per_run))
+    assert dice.loc[(32, "suponly"), "std"] == pytest.approx(np.std(per_run, ddof=1))
+    assert dice.loc[(32, "suponly"), "n_seeds"] == 3
+    # bold: cdcl best among non-fullsup although fullsup is higher
+    assert dice.loc[(32, "cdcl"), "bold"] and not dice.loc[(1, "fullsup"), "bold"]
+    assert dice.loc[(1, "fullsup"), "mean"] > dice.loc[(32, "cdcl"), "mean"]
+    assert dice["bold"].sum() == 2  # one per ratio column
+    # ties: every method shows JC 50.00 -> all non-fullsup rows bold, fullsup not
+    jac = t1[(t1["metric"] == "jaccard") & (t1["ratio"] == 32)]
+    assert jac.set_index("method")["bold"].to_dict() == {"suponly": True, "meanteacher": True, "cdcl": True}
+    assert not t1[(t1["method"] == "fullsup")]["bold"].any()
+    # marks: suponly and meanteacher significantly below cdcl (†); meanteacher and cdcl above suponly (‡)
+    marks = dice["mark"].fillna("").to_dict()
+    assert marks[(32, "suponly")] == "†" and marks[(32, "meanteacher")] == "†‡"
+    assert marks[(32, "cdcl")] == "‡" and marks[(1, "fullsup")] == ""
+    assert t1[t1["metric"] != "dice"]["mark"].isna().all()  # only the tested metric is marked
+    # the stats rows behind the marks: n = 14 images, Holm within the family
+    row = comps[(comps["family"] == "vs_reference") & (comps["a"] == "suponly") & (comps["ratio"] == 32)].iloc[0]
+    assert row["n_cases"] == 14 and row["p_holm"] < 0.05 and row["seeds_same_sign"] == "3/3"
 
 
-def test_row_order_and_markdown(files, tmp_path):
-    csv_path, md_path = write_table1(files, tmp_path / "tables")
-    rows = read_table1(csv_path)
-    cells = list(dict.fromkeys((r["dataset"], r["ratio"], r["method"]) for r in rows))
-    # fewest labels first within a dataset; datasets in order of appearance
-    assert cells == [("dsb2018", 32, "meanteacher"), ("dsb2018", 8, "suponly"), ("monuseg", 1, "fullsup")]
-    assert [r["metric"] for r in rows[:5]] == list(METRICS)
-    md = md_path.read_text()
-    assert "per-image mean" in md and "ddof = 1" in md
-    assert "| labeled | method | DC | JC | ACC | SP | SE | n |" in md
-    assert "| 1/8 | suponly | 0.8200 ± 0.0200 | 0.7333 ± 0.1528 | 0.5000 ± 0.0000 |" in md
-    assert "| 1/1 | fullsup | 0.9000 | 0.5000 | 0.5000 | 0.5000 | 0.5000 | 1 |" in md
-    assert md.index("## dsb2018") < md.index("## monuseg")
+def test_rendered_cells(runs, tmp_path):
+    t1, _ = _table(tmp_path, runs)
+    r = t1[(t1["metric"] == "dice") & (t1["ratio"] == 32) & (t1["method"] == "cdcl")].iloc[0]
+    shown = f"{r['mean'] * 100:.2f} ± {r['std'] * 100:.2f}"
+    md = (tmp_path / "tables" / "table1.md").read_text()
+    assert "| method | 1/32 DC | 1/32 JC | 1/32 ACC | 1/32 SP | 1/32 SE | 1/8 DC |" in md
+    assert f"| CDCL | **{shown}**‡ | **50.00 ± 0.00** |" in md
+    assert "| FullSup |" in md and "n = 14 (dsb2018)" in md and "Holm" in md
+    tex = (tmp_path / "tables" / "table1.tex").read_text()
+    assert r"\toprule" in tex and r"\bottomrule" in tex and r"\cmidrule(lr){2-6} \cmidrule(lr){7-11}" in tex
+    assert r"Method & \multicolumn{5}{c}{1/32} & \multicolumn{5}{c}{1/8} \\" in tex
+    assert (rf"CDCL & \textbf{{{r['mean'] * 100:.2f} $\pm$ {r['std'] * 100:.2f}}}$^{{\ddagger}}$ & "
+            r"\textbf{50.00 $\pm$ 0.00} &") in tex
+    assert r"SupOnly & " in tex and r"$^{\dagger}$" in tex
+    assert tex.index(r"\midrule" + "\nFullSup") > tex.index("CDCL &")  # fullsup below a rule
+    html = (tmp_path / "tables" / "table1.html").read_text()
+    assert "Table 1" in html and f"<b>{shown}</b><sup>‡</sup>" in html
+    t2 = (tmp_path / "tables" / "table2.md").read_text()
+    # Table 2: baseline, schemes, reference (paper's order), DC only
+    assert t2.index("| SupOnly |") < t2.index("| Scheme.1 |") < t2.index("| CDCL |")
+    assert "| method | 1/32 DC |" in t2 and "JC" not in t2.split("\n\n")[2]
+    t2csv = pd.read_csv(tmp_path / "tables" / "table2.csv").set_index("method")
+    assert t2csv.loc["cdcl-scheme1", "mark"] == "†"
 
 
-def test_pooled_convention(files, tmp_path):
-    csv_path, md_path = write_table1(files, tmp_path / "tables", convention="pooled")
-    r = _row(read_table1(csv_path), "dsb2018", 8, "suponly", "dice")
-    # pooled dice 0.70, 0.76, 0.73 -> mean 0.73, std sqrt((.03² + .03² + 0)/2) = 0.03
-    assert r["mean"] == pytest.approx(0.73, abs=1e-12)
-    assert r["std"] == pytest.approx(0.03, abs=1e-12)
-    assert "pooled" in md_path.read_text()
+def test_missing_cells_are_marked_not_fatal(tmp_path):
+    files = make_runs(tmp_path / "runs", skip={("meanteacher", 8, s) for s in range(3)} | {("cdcl", 8, 2)})
+    t1, comps = _table(tmp_path, files)
+    dice = t1[t1["metric"] == "dice"].set_index(["ratio", "method"])
+    assert dice.loc[(8, "meanteacher"), "n_seeds"] == 0 and math.isnan(dice.loc[(8, "meanteacher"), "mean"])
+    assert dice.loc[(8, "cdcl"), "n_seeds"] == 2
+    md = (tmp_path / "tables" / "table1.md").read_text()
+    assert "| MeanTeacher | " in md and "—" in md and "(n=2)" in md
+    # the untested comparisons say why; cdcl 1/8 lacks seed 2, so suponly cannot be paired with it
+    row = comps[(comps["a"] == "suponly") & (comps["b"] == "cdcl") & (comps["ratio"] == 8)].iloc[0]
+    assert np.isnan(row["p"]) and "cdcl lacks seed 2: 14 image(s)" in row["note"]
+    with pytest.raises(DataError, match="cannot pair"):
+        results, plan = build.load(files, CONFIG)
+        build.write_stats(results, plan, tmp_path / "strict", strict=True)
+    assert not (tmp_path / "strict" / "comparisons.csv").exists()
 
 
-def test_coordinates_from_run_metadata_win_over_path(tmp_path):
-    meta = {"dataset": "synthetic", "method": "cdcl", "ratio": 16, "seed": 4}
-    f = tmp_path / "dsb2018" / "suponly" / "r8" / "seed0" / "metrics.json"
-    f.parent.mkdir(parents=True)
-    f.write_text(json.dumps(_metrics({"dice": 0.3}, meta=meta)))
-    rows = read_table1(write_table1([f], tmp_path / "t")[0])
-    assert {(r["dataset"], r["ratio"], r["method"], r["n_seeds"]) for r in rows} == {("synthetic", 16, "cdcl", 1)}
+def test_latex_compiles(runs, tmp_path):
+    if shutil.which("pdflatex") is None:
+        pytest.skip("pdflatex not installed")
+    _table(tmp_path, runs)
+    doc = tmp_path / "doc.tex"
+    doc.write_text("\\documentclass{article}\\usepackage[utf8]{inputenc}\\usepackage{booktabs}"
+                   "\\usepackage[margin=1cm,landscape]{geometry}\\begin{document}\\input{tables/table1.tex}"
+                   "\\input{tables/table2.tex}\\end{document}\n")
+    r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:]
+    assert (tmp_path / "doc.pdf").stat().st_size > 1000
 
 
-def test_bad_inputs(files, tmp_path):
-    with pytest.raises(DataError, match="two metrics files for dsb2018/suponly/r8/seed0"):
-        write_table1(files + files[:1], tmp_path / "t")
-    broken = _write(tmp_path / "runs", "dsb2018", "cdcl", 8, 0, {"per_image_mean": {"dice": 0.5}})
-    with pytest.raises(DataError, match=r"cdcl/r8/seed0/metrics.json: per_image_mean.jaccard is missing"):
-        write_table1([broken], tmp_path / "t2")
-    nan = _write(tmp_path / "runs", "dsb2018", "cdcl", 16, 0, _metrics({"dice": math.nan}))
-    with pytest.raises(DataError, match="per_image_mean.dice is missing or not a finite number"):
-        write_table1([nan], tmp_path / "t3")
-    stray = tmp_path / "stray.json"
-    stray.write_text(json.dumps(_metrics({})))
-    with pytest.raises(DataError, match="cannot tell its dataset/method/ratio/seed"):
-        write_table1([stray], tmp_path / "t4")
-    assert not (tmp_path / "t2" / "table1.csv").exists()
-    assert not (tmp_path / "t3").exists() and not (tmp_path / "t4").exists()
+def test_pooled_convention_and_paper_delta(runs, tmp_path):
+    cfg = dict(CONFIG, report=dict(CONFIG["report"], convention="pooled"))
+    results, plan = build.load(runs, cfg)
+    build.write_tables(results, plan, tmp_path / "t", None)
+    t1 = pd.read_csv(tmp_path / "t" / "table1.csv")
+    r = t1[(t1["metric"] == "dice") & (t1["method"] == "suponly") & (t1["ratio"] == 32)].iloc[0]
+    per_run = [pd.read_csv(f.parent / "per_image.csv")["dice"].mean() - 0.01 for f in runs
+               if "/suponly/r32/" in f.as_posix()]
+    assert r["mean"] == pytest.approx(np.mean(per_run))
+    delta = pd.read_csv(tmp_path / "t" / "paper_delta.csv")
+    # the paper: dsb2018 1/32 SupOnly DC 83.93, FullSup 90.46 at 100 %; Table 2 scheme1 81.68
+    row = delta[(delta["table"] == "table1") & (delta["method"] == "suponly") & (delta["ratio"] == 32)
+                & (delta["metric"] == "dice")].iloc[0]
+    assert row["paper"] == 83.93 and row["delta"] == pytest.approx(r["mean"] * 100 - 83.93)
+    assert set(delta[delta["table"] == "table2"]["method"]) == {"suponly", "cdcl-scheme1", "cdcl"}
+    assert not (delta["method"] == "meanteacher").any()  # not in the paper
 
 
-def test_cli_report_with_glob(files, tmp_path, capsys):
-    out = tmp_path / "tables"
-    assert main(["report", "--runs", str(tmp_path / "runs" / "**" / "metrics.json"), "--out", str(out)]) == 0
-    assert len(read_table1(out / "table1.csv")) == 15
+def test_reader_fallbacks_and_errors(tmp_path):
+    f = write_run(tmp_path / "r", "monuseg", "cdcl", 16, 4, np.array([0.5, 0.7]),
+                  source_ids=["a", "a"], meta=False)
+    doc = json.loads(f.read_text())
+    del doc["metric_info"]
+    f.write_text(json.dumps(doc))
+    res = read_runs([f])
+    assert list(res.metrics) == PIXEL  # the five pixel metrics
+    assert set(res.runs[["dataset", "method", "ratio", "seed"]].itertuples(index=False)) == {("monuseg", "cdcl", 16, 4)}
+    assert res.epochs["val_dice"].tolist() == pytest.approx([0.5, 0.6, 0.7])
+    per = pd.read_csv(f.parent / "per_image.csv").drop(columns="source_id")
+    per.to_csv(f.parent / "per_image.csv", index=False)
+    assert read_runs([f]).per_image["source_id"].tolist() == ["img0", "img1"]  # falls back to id
+    with pytest.raises(DataError, match="two metrics files for monuseg/cdcl/r16/seed4"):
+        read_runs([f, f])
+    doc["pooled"] = {"dice": math.nan}
+    f.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"pooled.dice is missing or not a finite number"):
+        read_runs([f])
+
+
+def test_cli_partial_grid(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    partial = [f for f in runs if "meanteacher/r8" not in f.as_posix()]
+    glob = str(tmp_path / "runs" / "**" / "metrics.json")
+    for f in runs:
+        if "meanteacher/r8" in f.as_posix():
+            f.unlink()
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(CONFIG))
+    assert main(["report", "--runs", glob, "--config", str(cfg), "--out", str(out), "--step", "stats"]) == 0
+    assert main(["report", "--runs", glob, "--config", str(cfg), "--out", str(out), "--step", "tables"]) == 0
+    assert "| MeanTeacher | " in (out / "tables" / "table1.md").read_text()
+    assert "—" in (out / "tables" / "table1.md").read_text()
+    # without a config: the tables follow the runs found
+    assert main(["report", "--metrics", *map(str, partial), "--out", str(tmp_path / "o2"), "--step", "tables"]) == 0
+    assert "Scheme.1" in (tmp_path / "o2" / "tables" / "table2.md").read_text()
     assert main(["report", "--runs", str(tmp_path / "nothing" / "*.json"), "--out", str(out)]) == 2
-    assert capsys.readouterr().err.strip() == \
-        "semibench: error: no metrics files given or matched (--metrics FILE ... or --runs GLOB)"
+    assert capsys.readouterr().err.strip().endswith(
+        "semibench: error: no metrics files given or matched (--metrics FILE ... or --runs GLOB)")

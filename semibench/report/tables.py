@@ -1,170 +1,267 @@
-"""Table 1: test-set metrics per dataset × label ratio × method, mean and spread over seeds.
+"""Table 1 (``grid``) and Table 2 (``ablation``): tidy CSV, Markdown, LaTeX (booktabs) and HTML.
 
-Convention (what one run contributes): by default each run's **per-image mean**
-(``metrics.json["per_image_mean"]``: every metric computed on each test sample, then averaged),
-which weighs every test image equally, as the per-image evaluation of the paper's competitors
-does; ``convention="pooled"`` uses ``metrics.json["pooled"]`` instead (confusion counts summed
-over the test set, so large images weigh more). Across seeds the table gives the mean and the
-**sample** standard deviation (ddof = 1); with one seed the spread is unknown, so ``std`` is left
-empty in the CSV (NaN when read back) and omitted in the Markdown.
+What one run contributes: by default its **per-image mean** (``metrics.json["per_image_mean"]``,
+every metric on each test sample, then averaged); ``convention="pooled"`` takes the pooled
+values (confusion counts summed over the test set). A cell is the mean ± **sample** standard
+deviation (ddof = 1) over seeds, printed in percent with 2 decimals as the paper prints it
+(no ± with one seed).
+
+Bold = best shown (rounded) mean per column among the rows that are not FullSup (ties all bold;
+bold means "highest mean", not "significant"). Marks on the tested metric (Dice) come from the
+declared test families (semibench.report.stats): † = significantly below the reference method,
+‡ = significantly above the baseline (Holm-adjusted p < alpha). A cell whose run(s) are missing
+shows "—"; a cell with fewer seeds than configured shows its n.
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
+import html
 import math
-import os
-import re
-import statistics
-import uuid
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterable
 
-from ..errors import DataError
+import numpy as np
+import pandas as pd
 
-METRICS = ("dice", "jaccard", "accuracy", "specificity", "sensitivity")
-ABBREVIATIONS = {"dice": "DC", "jaccard": "JC", "accuracy": "ACC", "specificity": "SP",
-                 "sensitivity": "SE"}
-CONVENTIONS = ("per_image_mean", "pooled")
-COLUMNS = ("dataset", "ratio", "method", "metric", "mean", "std", "n_seeds")
-_RUN_PATH = re.compile(r"(?P<dataset>[^/]+)/(?P<method>[^/]+)/r(?P<ratio>\d+)/seed(?P<seed>\d+)/[^/]+$")
+from .plan import UPPER_BOUND, ReportPlan, Section, display
+from .read import Results
+
+BELOW, ABOVE, MISSING = "†", "‡", "—"
+LATEX_MARKS = {BELOW: r"$^{\dagger}$", ABOVE: r"$^{\ddagger}$"}
+TIDY_COLUMNS = ["table", "dataset", "ratio", "method", "metric", "mean", "std", "n_seeds",
+                "n_expected", "bold", "mark"]
 
 
-@dataclass(frozen=True)
-class RunMetrics:
-    dataset: str
-    method: str
-    ratio: int
-    seed: int
-    values: dict  # metric name -> float
+def ratio_label(ratio: int) -> str:
+    return "100%" if int(ratio) == 1 else f"1/{int(ratio)}"
 
 
-def _coordinates(doc: dict, path: Path) -> dict:
-    """dataset / method / ratio / seed from the file's run metadata, else from its path
-    (``.../<dataset>/<method>/r<k>/seed<S>/metrics.json``)."""
-    keys = ("dataset", "method", "ratio", "seed")
-    for source in (doc.get("meta"), doc.get("config"), doc):
-        if isinstance(source, dict) and all(k in source for k in keys):
-            return {k: source[k] for k in keys}
-    match = _RUN_PATH.search(Path(path).as_posix())
-    if match:
-        return match.groupdict()
-    raise DataError(f"{path}: cannot tell its dataset/method/ratio/seed (no run config inside, "
-                    "and the path is not .../<dataset>/<method>/r<k>/seed<S>/metrics.json)")
+def summarize(results: Results, convention: str = "per_image_mean") -> pd.DataFrame:
+    """Mean and sample std over seeds per (dataset, ratio, method, metric)."""
+    runs = results.runs[results.runs["convention"] == convention]
+    g = runs.groupby(["dataset", "ratio", "method", "metric"], sort=False)["value"]
+    out = pd.concat([g.mean().rename("mean"), g.std(ddof=1).rename("std"),
+                     g.size().rename("n_seeds")], axis=1).reset_index()
+    return out
 
 
-def read_metrics(path: Path, convention: str = "per_image_mean") -> RunMetrics:
-    if convention not in CONVENTIONS:
-        raise DataError(f"unknown convention {convention!r}; known: {', '.join(CONVENTIONS)}")
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"metrics file {path} not found") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"metrics file {path} is not valid JSON: {e}") from None
-    block = doc.get(convention)
-    if not isinstance(block, dict):
-        raise DataError(f"{path}: no {convention!r} section")
-    values = {}
-    for m in METRICS:
-        v = block.get(m)
-        if not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise DataError(f"{path}: {convention}.{m} is missing or not a finite number ({v!r})")
-        values[m] = float(v)
-    c = _coordinates(doc, path)
-    return RunMetrics(dataset=str(c["dataset"]), method=str(c["method"]), ratio=int(c["ratio"]),
-                      seed=int(c["seed"]), values=values)
+def _mark_lookup(comparisons: pd.DataFrame | None, plan: ReportPlan) -> dict:
+    """(dataset, ratio, method) -> marks, from the significant rows of the declared families."""
+    marks: dict = {}
+    if comparisons is None or comparisons.empty:
+        return marks
+    sig = comparisons[comparisons["significant"].astype(bool)]
+    for r in sig.itertuples():
+        key = (r.dataset, int(r.ratio), r.a)
+        if r.b == plan.reference and r.delta < 0 and r.family in ("vs_reference", "ablation"):
+            marks.setdefault(key, set()).add(BELOW)
+        if r.b == plan.baseline and r.delta > 0 and r.family == "vs_baseline":
+            marks.setdefault(key, set()).add(ABOVE)
+    return marks
 
 
-def summarize(runs: Iterable[RunMetrics]) -> list[dict]:
-    """One row per dataset × ratio × method × metric. Datasets and methods keep the order in
-    which they first appear; ratios go from the fewest labels (largest k) to full supervision."""
-    groups: dict[tuple, list[RunMetrics]] = {}
-    seen: set[tuple] = set()
-    datasets: list[str] = []
-    methods: list[str] = []
-    for r in runs:
-        key = (r.dataset, r.method, r.ratio, r.seed)
-        if key in seen:
-            raise DataError(f"two metrics files for {r.dataset}/{r.method}/r{r.ratio}/seed{r.seed}")
-        seen.add(key)
-        datasets += [r.dataset] if r.dataset not in datasets else []
-        methods += [r.method] if r.method not in methods else []
-        groups.setdefault((r.dataset, r.ratio, r.method), []).append(r)
-    order = sorted(groups, key=lambda g: (datasets.index(g[0]), -g[1], methods.index(g[2])))
+def build_table(summary: pd.DataFrame, section: Section, metrics: list[str], plan: ReportPlan,
+                comparisons: pd.DataFrame | None, table: str, higher_is_better=None
+                ) -> pd.DataFrame:
+    """The tidy table: every configured cell (missing ones with NaN mean), bold and marks."""
+    higher_is_better = higher_is_better or {}
+    index = summary.set_index(["dataset", "ratio", "method", "metric"])
+    marks = _mark_lookup(comparisons, plan)
     rows = []
-    for dataset, ratio, method in order:
-        group = sorted(groups[(dataset, ratio, method)], key=lambda r: r.seed)
-        for m in METRICS:
-            xs = [r.values[m] for r in group]
-            rows.append(dict(dataset=dataset, ratio=ratio, method=method, metric=m,
-                             mean=statistics.fmean(xs),
-                             std=statistics.stdev(xs) if len(xs) > 1 else math.nan,
-                             n_seeds=len(xs)))
-    return rows
+    for d in section.datasets:
+        for m in section.methods:
+            ratios = (1,) if m == UPPER_BOUND else section.ratios
+            for k in ratios:
+                for metric in metrics:
+                    key = (d, int(k), m, metric)
+                    hit = index.loc[key] if key in index.index else None
+                    rows.append({"table": table, "dataset": d, "ratio": int(k), "method": m,
+                                 "metric": metric,
+                                 "mean": float(hit["mean"]) if hit is not None else math.nan,
+                                 "std": float(hit["std"]) if hit is not None else math.nan,
+                                 "n_seeds": int(hit["n_seeds"]) if hit is not None else 0,
+                                 "n_expected": len(section.seeds),
+                                 "mark": "".join(sorted(marks.get((d, int(k), m), set())))
+                                 if metric == plan.metric else ""})
+    frame = pd.DataFrame(rows, columns=[c for c in TIDY_COLUMNS if c != "bold"])
+    # bold on the shown numbers: the mean in percent rounded to 2 decimals
+    shown = (frame["mean"] * 100).round(2)
+    frame["bold"] = False
+    candidates = frame[(frame["method"] != UPPER_BOUND) & shown.notna()]
+    for (d, k, metric), idx in candidates.groupby(["dataset", "ratio", "metric"]).groups.items():
+        values = shown.loc[idx]
+        best = values.max() if higher_is_better.get(metric, True) else values.min()
+        frame.loc[values.index[values == best], "bold"] = True
+    return frame[TIDY_COLUMNS]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def cell_text(row, latex: bool = False) -> str:
+    """"87.49 ± 0.12" (percent), bold and marks in the target syntax; "—" when missing."""
+    if row["n_seeds"] == 0 or math.isnan(row["mean"]):
+        return "---" if latex else MISSING
+    pm = r" $\pm$ " if latex else " ± "
+    text = f"{row['mean'] * 100:.2f}"
+    if row["n_seeds"] > 1:
+        text += f"{pm}{row['std'] * 100:.2f}"
+    if row["bold"]:
+        text = rf"\textbf{{{text}}}" if latex else f"**{text}**"
+    for mark in row["mark"]:
+        text += LATEX_MARKS[mark] if latex else mark
+    if 0 < row["n_seeds"] < row["n_expected"]:
+        text += rf" {{\scriptsize(n={row['n_seeds']})}}" if latex else f" (n={row['n_seeds']})"
+    return text
 
 
-def render_csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for r in rows:  # floats at full precision (repr); an unknown std stays empty
-        writer.writerow([r["dataset"], r["ratio"], r["method"], r["metric"], repr(r["mean"]),
-                         "" if math.isnan(r["std"]) else repr(r["std"]), r["n_seeds"]])
-    return buf.getvalue()
+def _grid(frame: pd.DataFrame, dataset: str, abbrev, latex: bool = False, html_mode: bool = False):
+    """Rows (method) x columns ((ratio, metric)) of cell texts for one dataset. FullSup (ratio 1)
+    is shown in every ratio group, as the paper's 100 % row."""
+    part = frame[frame["dataset"] == dataset]
+    ratios = list(dict.fromkeys(part.loc[part["method"] != UPPER_BOUND, "ratio"])) or [1]
+    metrics = list(dict.fromkeys(part["metric"]))
+    methods = list(dict.fromkeys(part["method"]))
+    cells = {}
+    for row in part.to_dict("records"):
+        text = _html_cell(row) if html_mode else cell_text(row, latex)
+        for k in (ratios if row["method"] == UPPER_BOUND else [row["ratio"]]):
+            cells[(row["method"], k, row["metric"])] = text
+    body = [[cells.get((m, k, metric), MISSING) for k in ratios for metric in metrics]
+            for m in methods]
+    return methods, ratios, metrics, body
 
 
-def render_markdown(rows: list[dict], convention: str) -> str:
-    what = {"per_image_mean": "the per-image mean over the test set (`per_image_mean`)",
-            "pooled": "pooled over the test set, confusion counts summed (`pooled`)"}[convention]
-    out = ["# Table 1: segmentation of the test sets", "",
-           f"Each run contributes {what}. Cells: mean ± sample standard deviation (ddof = 1) over "
-           "seeds; n = number of seeds (no spread with one seed). Labeled 1/k: 1/k of the "
-           "training samples carry labels.", ""]
-    by_dataset: dict[str, dict[tuple, dict]] = {}
-    for r in rows:
-        by_dataset.setdefault(r["dataset"], {}).setdefault((r["ratio"], r["method"]), {})[r["metric"]] = r
-    for dataset, lines in by_dataset.items():
-        out += [f"## {dataset}", "",
-                "| labeled | method | " + " | ".join(ABBREVIATIONS[m] for m in METRICS) + " | n |",
-                "|---|---|" + "---|" * len(METRICS) + "---|"]
-        for (ratio, method), cell in lines.items():
-            values = [f"{cell[m]['mean']:.4f}" if math.isnan(cell[m]["std"])
-                      else f"{cell[m]['mean']:.4f} ± {cell[m]['std']:.4f}" for m in METRICS]
-            out.append(f"| 1/{ratio} | {method} | " + " | ".join(values)
-                       + f" | {cell[METRICS[0]]['n_seeds']} |")
+def _html_cell(row) -> str:
+    text = html.escape(cell_text(dict(row, bold=False, mark="")))
+    if row["bold"]:
+        text = f"<b>{text}</b>"
+    return text + "".join(f"<sup>{m}</sup>" for m in row["mark"])
+
+
+def footnote(plan: ReportPlan, n_cases: dict, families: str, abbrev) -> str:
+    """n, the test and the correction, as the table footnote (plain text)."""
+    ns = ", ".join(f"n = {n} ({d})" for d, n in n_cases.items()) or "n unknown"
+    return (f"Cells: mean ± sample std (ddof = 1) over seeds, in %; bold = best shown mean per "
+            f"column among non-{display(UPPER_BOUND)} rows (ties all bold; {display(UPPER_BOUND)} "
+            f"uses all labels and is an upper bound, shown in every group). "
+            f"{BELOW} {abbrev(plan.metric)} significantly below {display(plan.reference)}; "
+            f"{ABOVE} significantly above {display(plan.baseline)} "
+            f"(two-sided paired Wilcoxon signed-rank, zsplit, on per-source-image "
+            f"{abbrev(plan.metric)} averaged over seeds; {ns} source images; Holm within each "
+            f"family ({families}) and dataset; α = {plan.options.alpha}). With 3 seeds the std "
+            f"is imprecise (95 % CI 0.52·s to 6.3·s); on a re-drawn test set per seed (DSB) it "
+            f"mixes training and test-sampling variance. {MISSING} = run missing. "
+            f"Tests are conditional on these runs and this test set.")
+
+
+def render_markdown(frame: pd.DataFrame, title: str, note: str, abbrev) -> str:
+    out = [f"# {title}", ""]
+    for dataset in dict.fromkeys(frame["dataset"]):
+        methods, ratios, metrics, body = _grid(frame, dataset, abbrev)
+        header = ["method"] + [f"{ratio_label(k)} {abbrev(m)}" for k in ratios for m in metrics]
+        out += [f"## {dataset}", "", "| " + " | ".join(header) + " |",
+                "|" + "---|" * len(header)]
+        for m, cells in zip(methods, body):
+            out.append(f"| {display(m)} | " + " | ".join(cells) + " |")
         out.append("")
+    out += [note, ""]
     return "\n".join(out)
 
 
-def write_table1(metric_files: Iterable[Path], out_dir: Path,
-                 convention: str = "per_image_mean") -> list[Path]:
-    """Read run metrics files, write ``table1.csv`` and ``table1.md`` into ``out_dir``
-    (each written to a temporary name first, then renamed); return their paths."""
-    runs = [read_metrics(Path(f), convention) for f in metric_files]
-    if not runs:
-        raise DataError("no metrics files to tabulate")
-    rows = summarize(runs)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out_dir / "table1.csv", out_dir / "table1.md"
-    _atomic_write(csv_path, render_csv(rows))
-    _atomic_write(md_path, render_markdown(rows, convention))
-    return [csv_path, md_path]
+def _tex_escape(text: str) -> str:
+    return text.replace("\\", r"\textbackslash{}").replace("&", r"\&").replace("%", r"\%") \
+        .replace("_", r"\_").replace("#", r"\#")
 
 
-def read_table1(path: Path) -> list[dict]:
-    """Read table1.csv back (``std`` NaN where it was left empty)."""
-    with open(path, newline="") as f:
-        return [dict(r, ratio=int(r["ratio"]), mean=float(r["mean"]),
-                     std=float(r["std"]) if r["std"] else math.nan, n_seeds=int(r["n_seeds"]))
-                for r in csv.DictReader(f)]
+def render_latex(frame: pd.DataFrame, title: str, note: str, abbrev, label: str) -> str:
+    """One booktabs tabular per dataset: a multicolumn ratio header over the metric columns."""
+    out = [f"% {title} (semibench report; needs \\usepackage{{booktabs}})"]
+    for dataset in dict.fromkeys(frame["dataset"]):
+        methods, ratios, metrics, body = _grid(frame, dataset, abbrev, latex=True)
+        nm = len(metrics)
+        out += [r"\begin{table}[t]", r"\centering", r"\small",
+                rf"\caption{{{_tex_escape(title)}: {_tex_escape(dataset)}}}",
+                rf"\label{{{label}-{dataset}}}",
+                r"\begin{tabular}{l" + "c" * (nm * len(ratios)) + "}", r"\toprule"]
+        out.append("Method & " + " & ".join(
+            rf"\multicolumn{{{nm}}}{{c}}{{{_tex_escape(ratio_label(k))}}}" for k in ratios) + r" \\")
+        out.append(" ".join(rf"\cmidrule(lr){{{2 + i * nm}-{1 + (i + 1) * nm}}}"
+                            for i in range(len(ratios))))
+        out.append(" & " + " & ".join(f"{abbrev(m)} (\\%)" for _ in ratios for m in metrics) + r" \\")
+        out.append(r"\midrule")
+        for m, cells in zip(methods, body):
+            if m == UPPER_BOUND:
+                out.append(r"\midrule")
+            out.append(f"{_tex_escape(display(m))} & " + " & ".join(cells) + r" \\")
+        out += [r"\bottomrule", r"\end{tabular}",
+                rf"\par\smallskip\parbox{{\linewidth}}{{\footnotesize {_tex_escape(note)}}}".replace(
+                    "±", r"$\pm$").replace("†", r"$^{\dagger}$").replace("‡", r"$^{\ddagger}$")
+                .replace("α", r"$\alpha$").replace("·", r"$\cdot$").replace("—", "---"),
+                r"\end{table}", ""]
+    return "\n".join(out)
+
+
+def render_html(frame: pd.DataFrame, title: str, note: str, abbrev) -> str:
+    style = ("<style>table.sb{border-collapse:collapse;font:13px sans-serif;margin:1em 0}"
+             "table.sb th,table.sb td{padding:3px 7px;text-align:center}"
+             "table.sb thead tr:last-child th{border-bottom:1px solid #000}"
+             "table.sb{border-top:2px solid #000;border-bottom:2px solid #000}"
+             "table.sb tr.upper td{border-top:1px solid #000}"
+             "table.sb td:first-child{text-align:left}p.sbnote{font:12px sans-serif;max-width:60em}"
+             "</style>")
+    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+           f"{style}</head><body><h2>{html.escape(title)}</h2>"]
+    for dataset in dict.fromkeys(frame["dataset"]):
+        methods, ratios, metrics, body = _grid(frame, dataset, abbrev, html_mode=True)
+        out.append(f"<h3>{html.escape(dataset)}</h3><table class='sb'><thead><tr><th rowspan='2'>"
+                   "Method</th>" + "".join(f"<th colspan='{len(metrics)}'>{ratio_label(k)}</th>"
+                                           for k in ratios) + "</tr><tr>"
+                   + "".join(f"<th>{html.escape(abbrev(m))} (%)</th>" for _ in ratios for m in metrics)
+                   + "</tr></thead><tbody>")
+        for m, cells in zip(methods, body):
+            cls = " class='upper'" if m == UPPER_BOUND else ""
+            out.append(f"<tr{cls}><td>{html.escape(display(m))}</td>"
+                       + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        out.append("</tbody></table>")
+    out.append(f"<p class='sbnote'>{html.escape(note)}</p></body></html>")
+    return "\n".join(out)
+
+
+def render_all(frame: pd.DataFrame, title: str, note: str, abbrev, label: str) -> dict:
+    """{suffix: text} for csv, md, tex, html."""
+    tidy = frame.copy()
+    return {"csv": tidy.to_csv(index=False, float_format="%.10g"),
+            "md": render_markdown(frame, title, note, abbrev),
+            "tex": render_latex(frame, title, note, abbrev, label),
+            "html": render_html(frame, title, note, abbrev)}
+
+
+def n_cases_by_dataset(comparisons: pd.DataFrame | None, datasets) -> dict:
+    if comparisons is None or comparisons.empty:
+        return {}
+    tested = comparisons[comparisons["n_cases"] > 0]
+    out = {}
+    for d in datasets:
+        ns = sorted(set(tested.loc[tested["dataset"] == d, "n_cases"].astype(int)))
+        if ns:
+            out[d] = ns[0] if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
+    return out
+
+
+def table_metrics(results: Results, section: Section, convention: str) -> list[str]:
+    """Metrics shown: those of metric_info that every found run of the section reports,
+    pixel metrics first (Table 1 is the paper's DC/JC/ACC/SP/SE when nothing else is there)."""
+    runs = results.runs[(results.runs["convention"] == convention)
+                        & results.runs["dataset"].isin(section.datasets)
+                        & results.runs["method"].isin(section.methods)]
+    have = set(runs["metric"])
+    return [m for m in results.metrics if m in have and results.metrics[m]["kind"] == "pixel"]
+
+
+def paper_delta(summary: pd.DataFrame, paper1: pd.DataFrame, paper2: pd.DataFrame,
+                abbrev_to_metric: dict) -> pd.DataFrame:
+    """Ours − paper per cell (percentage points), for the cells both have."""
+    from .paper import paper_long
+
+    paper = paper_long(paper1, paper2, abbrev_to_metric)
+    ours = summary.assign(ours=summary["mean"] * 100, ours_std=summary["std"] * 100)
+    merged = paper.merge(ours[["dataset", "ratio", "method", "metric", "ours", "ours_std", "n_seeds"]],
+                         on=["dataset", "ratio", "method", "metric"], how="inner")
+    merged["delta"] = merged["ours"] - merged["paper"]
+    return merged.sort_values(["table", "dataset", "ratio", "method", "metric"], ascending=[True, True, False, True, True],
+                              ignore_index=True)

@@ -1,0 +1,179 @@
+"""The report's three steps, each writing its own files (so a failing figure never blocks a
+table): :func:`write_stats`, :func:`write_tables`, :func:`write_figures`. Files are written to a
+temporary name and renamed, so a failed step leaves no half-written output."""
+from __future__ import annotations
+
+import html
+import os
+import uuid
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import DataError
+from . import stats
+from .paper import load_paper_tables
+from .plan import UPPER_BOUND, ReportPlan, display, plan_from_config, plan_from_runs
+from .read import Results, read_runs
+from .tables import build_table, footnote, n_cases_by_dataset, paper_delta, render_all, \
+    summarize, table_metrics
+
+STATS_FILES = ["comparisons.csv", "comparisons.html", "friedman.csv", "pairwise.csv",
+               "ranking.csv", "ranking_freq.csv", "cases.csv"]
+TABLE_FILES = [f"{t}.{s}" for t in ("table1", "table2") for s in ("csv", "md", "tex", "html")] + \
+    ["paper_delta.csv", "paper_delta.md", "paper_delta.html"]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load(metric_files, config: dict | None) -> tuple[Results, ReportPlan]:
+    results = read_runs(metric_files)
+    plan = plan_from_config(config) if config and config.get("grid") else None
+    if plan is None:
+        base = plan_from_config(config or {})
+        plan = plan_from_runs(results.run_dirs, base)
+    return results, plan
+
+
+def _cells(plan: ReportPlan) -> list[tuple]:
+    cells = [(d, k) for d in plan.grid.datasets for k in plan.grid.ratios]
+    if plan.ablation is not None:
+        cells += [(d, k) for d in plan.ablation.datasets for k in plan.ablation.ratios]
+    return list(dict.fromkeys(cells))
+
+
+def _tested_methods(plan: ReportPlan, dataset: str, ratio: int) -> list[str]:
+    methods = [m for m in plan.grid.methods if m != UPPER_BOUND] \
+        if dataset in plan.grid.datasets and ratio in plan.grid.ratios else []
+    if plan.ablation is not None and dataset in plan.ablation.datasets and ratio in plan.ablation.ratios:
+        methods += [m for m in plan.ablation.methods if m not in methods]
+    return methods
+
+
+def compute_stats(results: Results, plan: ReportPlan, strict: bool = False) -> dict:
+    """Every stats frame: comparisons, friedman, pairwise, ranking, ranking_freq, cases."""
+    metric = plan.metric
+    if results.per_image.empty or metric not in results.per_image.columns:
+        raise DataError(f"no per-image {metric!r} values (per_image.csv) to test")
+    seed_level = stats.seed_cases(results.per_image, metric)
+    cases = stats.case_values(seed_level)
+    comparisons = stats.run_families(seed_level, plan.family_list(), metric, plan.options, strict)
+    hib = results.higher_is_better(metric)
+    omni, pairs, freq, summ = [], [], [], []
+    for d, k in _cells(plan):
+        methods = _tested_methods(plan, d, k)
+        o, p = stats.friedman(cases, seed_level, [(d, k)], methods, hib, plan.options)
+        f, s = stats.ranking_stability(cases, [(d, k)], methods, hib, plan.options)
+        omni.append(o), pairs.append(p), freq.append(f), summ.append(s)
+    cat = lambda xs: pd.concat([x for x in xs if not x.empty], ignore_index=True) \
+        if any(not x.empty for x in xs) else pd.DataFrame()
+    return {"comparisons": comparisons, "friedman": cat(omni), "pairwise": cat(pairs),
+            "ranking": cat(summ), "ranking_freq": cat(freq), "cases": cases}
+
+
+def _comparisons_html(frame: pd.DataFrame, plan: ReportPlan, abbrev) -> str:
+    show = frame.copy()
+    for c in ("delta", "ci_low", "ci_high", "t_low", "t_high"):
+        show[c] = show[c] * 100
+    show["a"] = show["a"].map(display)
+    show["b"] = show["b"].map(display)
+    cols = {"family": "family", "dataset": "dataset", "ratio": "1/k", "a": "method",
+            "b": "vs", "n_cases": "n images", "delta": f"Δ{abbrev(plan.metric)} (pts)",
+            "ci_low": "95% CI low", "ci_high": "95% CI high", "W": "W", "p": "p",
+            "p_holm": "p Holm", "rbc": "r (rank-biserial)", "seeds_same_sign": "same sign (seeds)",
+            "seed_deltas": "per-seed Δ", "test": "test", "note": "note"}
+    show = show[list(cols)].rename(columns=cols)
+    fmt = {cols["delta"]: "{:+.2f}", cols["ci_low"]: "{:+.2f}", cols["ci_high"]: "{:+.2f}",
+           "W": "{:.1f}", "p": "{:.2g}", "p Holm": "{:.2g}", cols["rbc"]: "{:+.2f}"}
+    styler = show.style.format(fmt, na_rep="—").hide(axis="index")
+    styler = styler.apply(lambda col: ["font-weight: bold" if v else "" for v in
+                                       (frame["significant"].fillna(False).astype(bool))],
+                          subset=["p Holm"])
+    intro = (f"<p>Paired two-sided Wilcoxon signed-rank tests (zero_method zsplit) on per-source-"
+             f"image {html.escape(abbrev(plan.metric))} averaged over seeds; Holm within family and "
+             f"dataset; bold p Holm &lt; {plan.options.alpha}. Δ = method − vs, in points (×100), "
+             f"95 % BCa bootstrap CI over images ({plan.options.n_resamples} resamples, seed "
+             f"{plan.options.seed}). Per-seed Δ and sign agreement are a robustness check, "
+             f"not a test.</p>")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Statistics</title>"
+            f"<style>table{{border-collapse:collapse;font:12px sans-serif}}td,th{{padding:2px 6px;"
+            f"border-bottom:1px solid #ddd}}</style></head><body><h2>Statistics: pairwise "
+            f"comparisons</h2>{intro}{styler.to_html()}</body></html>")
+
+
+def write_stats(results: Results, plan: ReportPlan, out_dir: Path, strict: bool = False) -> list[Path]:
+    frames = compute_stats(results, plan, strict)
+    out_dir = Path(out_dir)
+    texts = {f"{name}.csv": frame.to_csv(index=False, float_format="%.10g")
+             for name, frame in frames.items()}
+    texts["comparisons.html"] = _comparisons_html(frames["comparisons"], plan, results.abbrev)
+    paths = []
+    for name in STATS_FILES:
+        write_atomic(out_dir / name, texts[name])
+        paths.append(out_dir / name)
+    return paths
+
+
+def read_comparisons(path: Path | None) -> pd.DataFrame | None:
+    if path is None or not Path(path).exists():
+        return None
+    return pd.read_csv(path, keep_default_na=True)
+
+
+def table_texts(results: Results, plan: ReportPlan, comparisons: pd.DataFrame | None) -> dict:
+    """{file name: text} for both tables and the paper delta."""
+    summary = summarize(results, plan.convention)
+    hib = {m: results.higher_is_better(m) for m in results.metrics}
+    families = ", ".join(f.name for f in plan.family_list()) or "none"
+    out = {}
+    specs = [("table1", "Table 1", plan.grid, None)]
+    if plan.ablation is not None:
+        specs.append(("table2", "Table 2", plan.ablation, [plan.metric]))
+    for name, title, section, metrics in specs:
+        metrics = metrics or table_metrics(results, section, plan.convention) or [plan.metric]
+        frame = build_table(summary, section, metrics, plan, comparisons, name, hib)
+        note = footnote(plan, n_cases_by_dataset(comparisons, section.datasets), families,
+                        results.abbrev)
+        what = ("segmentation of the test sets" if name == "table1"
+                else f"ablation, {results.abbrev(plan.metric)}")
+        for suffix, text in render_all(frame, f"{title}: {what}", note, results.abbrev,
+                                       f"tab:{name}").items():
+            out[f"{name}.{suffix}"] = text
+    if "table2.csv" not in out:  # no ablation configured: say so instead of a missing file
+        empty = "<p>No ablation configured (config <code>ablation</code> is empty).</p>"
+        out.update({"table2.csv": "table,dataset,ratio,method,metric,mean,std,n_seeds,n_expected,bold,mark\n",
+                    "table2.md": "# Table 2\n\nNo ablation configured.\n",
+                    "table2.tex": "% Table 2: no ablation configured\n",
+                    "table2.html": f"<html><body><h2>Table 2</h2>{empty}</body></html>"})
+    abbrevs = {results.abbrev(m): m for m in results.metrics}
+    p1, p2 = load_paper_tables()
+    delta = paper_delta(summary, p1, p2, abbrevs)
+    out["paper_delta.csv"] = delta.to_csv(index=False, float_format="%.10g")
+    intro = ("Ours − paper per cell, percentage points (ours: mean over seeds of the "
+             f"{plan.convention} values; paper: CDCL CVPR 2022 Tables 1 and 2, "
+             "semibench/report/paper_tables). Only cells both have.")
+    if delta.empty:
+        intro += " None here: these runs share no (dataset, ratio, method) with the paper."
+    show = delta.assign(method=delta["method"].map(display), metric=delta["metric"].map(results.abbrev))
+    out["paper_delta.md"] = "# Paper delta\n\n" + intro + "\n\n" + (
+        show.to_markdown(index=False, floatfmt=".2f") if not delta.empty else "") + "\n"
+    out["paper_delta.html"] = (f"<html><head><meta charset='utf-8'></head><body><h2>Ours − paper"
+                               f"</h2><p>{html.escape(intro)}</p>"
+                               + (show.style.format(precision=2).hide(axis="index").to_html()
+                                  if not delta.empty else "") + "</body></html>")
+    return out
+
+
+def write_tables(results: Results, plan: ReportPlan, out_dir: Path,
+                 comparisons: pd.DataFrame | None) -> list[Path]:
+    texts = table_texts(results, plan, comparisons)
+    paths = []
+    for name in TABLE_FILES:
+        write_atomic(Path(out_dir) / name, texts[name])
+        paths.append(Path(out_dir) / name)
+    return paths
