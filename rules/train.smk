@@ -33,6 +33,8 @@ rule evaluate:
         per_image=f"{RUN_DIR}/per_image.csv",
     params:
         run_dir=run_dir,
+        instances=config.get("evaluate", {}).get("instances", "components"),
+        min_object_size=config.get("evaluate", {}).get("min_object_size", 0),
     log:
         "logs/evaluate/{dataset}/{method}/r{ratio}/seed{seed}.log",
     threads: threads_for("evaluate", 2)
@@ -41,4 +43,6 @@ rule evaluate:
     conda:
         "../envs/semibench.yaml"
     shell:
-        "semibench evaluate --run {params.run_dir:q} --threads {threads} > {log:q} 2>&1"
+        "semibench evaluate --run {params.run_dir:q} --threads {threads}"
+        " --instances {params.instances:q} --min-object-size {params.min_object_size}"
+        " > {log:q} 2>&1"

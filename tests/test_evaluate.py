@@ -337,3 +337,26 @@ def test_stale_temporary_directories_are_cleared(run_dir):
     (run / ".predictions.tmp-deadbeef" / "b.png").write_bytes(b"partial")
     evaluate_run(run)
     assert not list(run.glob(".*"))
+
+
+def test_cli_metrics_only_and_instance_options(run_dir, capsys, monkeypatch):
+    from semibench import cli
+
+    run, _, _ = run_dir
+    monkeypatch.setenv("SEMIBENCH_NUM_GPUS", "0")
+    assert cli.main(["evaluate", "--run", str(run), "--metrics-only"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no saved prediction for 5 of 5" in err
+    assert cli.main(["evaluate", "--run", str(run), "--instances", "watershed",
+                     "--min-object-size", "2"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["meta"]["evaluate"] == \
+        {"instances": "watershed", "min_object_size": 2, "from": "model"}
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--run", str(run), "--metrics-only"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == {"pooled", "per_image_mean", "dataset_level"}
+    assert json.loads((run / "metrics.json").read_text())["meta"]["evaluate"] == \
+        {"instances": "components", "min_object_size": 0, "from": "predictions"}
+    assert cli.main(["evaluate", "--run", str(run), "--metrics-only", "--instances", "blob"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown evaluate.instances 'blob'" in err
