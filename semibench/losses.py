@@ -4,7 +4,8 @@ consistency term really compute the same thing.
 - :func:`cross_entropy`: pixel-wise cross-entropy on logits, in float32, and
   :func:`supervised_loss`: that of a student on the labeled batch (the L_sup of every method);
 - :func:`softmax_mse`: mean over (B, C, H, W) of the squared difference of the class
-  probabilities, the teacher side detached (Mean Teacher, TCSMv2, CCT);
+  probabilities, the teacher side detached, optionally over valid pixels only (Mean Teacher,
+  TCSMv2, CCT);
 - :func:`flip_rot` / :func:`flip_rot_inverse`: a per-sample flip of the H axis then
   ``rot90`` by k quarter turns, and its exact inverse (TCSMv2), on any (B, ..., H, W) tensor;
 - :func:`box_masks`: CutMix rectangles, one box per sample of a fixed area fraction with a random
@@ -33,12 +34,19 @@ def supervised_loss(student: torch.nn.Module, batch) -> torch.Tensor:
     return cross_entropy(student(batch.labeled_image, project=False).logits, batch.labeled_mask)
 
 
-def softmax_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+def softmax_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
     """mean over B, C, H, W of (softmax(student) − softmax(teacher))², float32; no gradient
-    flows into the teacher side."""
+    flows into the teacher side. With ``valid`` ((B, 1, H, W) or (B, H, W), 0/1) the mean runs
+    over the valid pixels only: Σ valid·Δp² / (C · Σ valid), 0 (on the graph) when none is."""
     p_s = torch.softmax(student_logits.float(), dim=1)
     p_t = torch.softmax(teacher_logits.detach().float(), dim=1)
-    return F.mse_loss(p_s, p_t)
+    if valid is None:
+        return F.mse_loss(p_s, p_t)
+    v = valid.detach().float()
+    v = v[:, None] if v.dim() == 3 else v
+    sq = (p_s - p_t).pow(2) * v
+    return sq.sum() / (v.sum() * p_s.shape[1]).clamp(min=1.0)
 
 
 def _per_sample(x: torch.Tensor, flip: torch.Tensor, k: torch.Tensor, fn) -> torch.Tensor:

@@ -92,3 +92,15 @@ def test_mix_hand_case():
     pa = torch.tensor([[0.1, 0.2], [0.3, 0.4]]).view(1, 1, 2, 2)
     pb = torch.tensor([[0.9, 0.8], [0.7, 0.6]]).view(1, 1, 2, 2)
     assert torch.allclose(mix(m, pa, pb).view(2, 2), torch.tensor([[0.9, 0.2], [0.3, 0.4]]))
+
+
+def test_softmax_mse_over_valid_pixels_only():
+    # pixel 0: Δp = (−1/4, 1/4) -> 1/16 per class; pixel 1 differs a lot but is invalid
+    s = torch.tensor([[0.0, 0.0], [math.log(3.0), 5.0]]).view(1, 2, 1, 2)
+    t = torch.tensor([[0.0, 0.0], [0.0, -5.0]]).view(1, 2, 1, 2)
+    valid = torch.tensor([[[1.0, 0.0]]])
+    assert softmax_mse(s, t, valid).item() == pytest.approx(1 / 16, rel=1e-6)
+    assert softmax_mse(s, t, valid[:, None]).item() == pytest.approx(1 / 16, rel=1e-6)
+    assert softmax_mse(s, t, torch.ones(1, 1, 2)).item() == pytest.approx(softmax_mse(s, t).item(), rel=1e-6)
+    none = softmax_mse(s.requires_grad_(), t, torch.zeros(1, 1, 2))
+    assert none.item() == 0.0 and none.requires_grad
