@@ -4,7 +4,8 @@
   copies of the unlabeled image's 256-channel extractor features (``SegOutput.features``).
   Perturbations (methods/_cct_perturbations.py): VAT, channel-wise Dropout, guided cutout,
   context masking, object masking, feature drop, feature noise.
-- L = L_sup + w_u(t) · L_u. L_sup: cross-entropy of the student on the labeled batch.
+- L = L_sup + w_u(t) · L_u (the paper's L_s and L_u). L_sup: cross-entropy of the student on
+  the labeled batch.
   L_u = (1/K) Σ_k mean_{B,C,H,W} (softmax(ŷ_k) − softmax(sg(ŷ)))², ŷ the main head's logits on
   the unlabeled features, ŷ_k the k-th aux head's. w_u(t) = weight_u · exp(−5 (1 − t/T)²),
   t the iteration, T = rampup × all iterations. Before the configured start epoch

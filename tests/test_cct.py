@@ -83,6 +83,18 @@ def test_aux_heads_are_fresh_classifiers_outside_the_evaluated_network():
     assert all(id(p) in in_opt for p in method.student.parameters())
 
 
+def test_fresh_head_of_another_architecture_is_reinitialised():
+    from semibench.methods.cct import fresh_head
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Conv2d(8, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+    with torch.no_grad():
+        head[1].weight.fill_(5.0)
+    new = fresh_head(head)
+    assert [p.shape for p in new.parameters()] == [p.shape for p in head.parameters()]
+    assert not torch.equal(new[0].weight, head[0].weight)
+    assert torch.equal(new[1].weight, torch.ones(4))  # BN reset to its initial affine
+
+
 # ---------------------------------------------------------------------------- L_u
 
 def test_identical_unperturbed_heads_give_zero_loss():
