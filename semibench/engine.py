@@ -184,10 +184,15 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     return state
 
 
-def make_segmenter(cfg: RunConfig) -> nn.Module:
-    """A fresh DenseUNet from the run's model config."""
+def make_segmenter(cfg: RunConfig, **model_options) -> nn.Module:
+    """A fresh DenseUNet from the run's model config; ``model_options`` are
+    :func:`semibench.model.build_model`'s keyword options (num_classes, proj_dim, proj_pool)."""
     from .model import build_model
-    return build_model(cfg.train.backbone, cfg.train.weights)
+    known = {"num_classes", "proj_dim", "proj_pool"}
+    unknown = sorted(set(model_options) - known)
+    if unknown:
+        raise ConfigError(f"unknown model option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return build_model(cfg.train.backbone, cfg.train.weights, **model_options)
 
 
 # ---------------------------------------------------------------------------- method context
@@ -203,8 +208,8 @@ class EngineContext(MethodContext):
         self.optimizer_names: list[str] = []  # the same order; checkpoints key optimisers by name
         self.emas: list[tuple[nn.Module, nn.Module, TeacherSettings]] = []  # (student, teacher, settings)
 
-    def build_segmenter(self) -> nn.Module:
-        net = make_segmenter(self.cfg).to(self.device)
+    def build_segmenter(self, **model_options) -> nn.Module:
+        net = make_segmenter(self.cfg, **model_options).to(self.device)
         self.segmenters.append(net)
         return net
 

@@ -116,7 +116,9 @@ class MethodContext:
 
     device: torch.device
 
-    def build_segmenter(self) -> nn.Module:  # a fresh DenseUNet from the run's model config
+    def build_segmenter(self, **model_options) -> nn.Module:
+        """A fresh DenseUNet from the run's model config; ``model_options`` (num_classes,
+        proj_dim, proj_pool) are for a method whose heads need other settings."""
         raise NotImplementedError
 
     def ema_of(self, module: nn.Module) -> nn.Module:  # frozen copy updated by EMA each step
