@@ -54,6 +54,12 @@ Decisions ([D] of ../shared/design/competitors.md §4 and §7):
 - The main head's unlabeled prediction (target and guidance of the masks) is its ordinary
   training-mode output (BN batch statistics, its dropout on), as the official target comes from
   the training-mode forward.
+- §7.17, schedules: the engine's optimiser, poly LR, batch sizes and run length, as for every
+  method (a fair comparison on one engine); CCT's loss-specific values are kept (weight 30) and
+  its ramp-up is rescaled to the run as the same fraction (10 %). No EMA teacher (CCT has none),
+  so ``train.ema_alpha`` does not apply.
+- §0.1 / §7.16, classifier dropout: decided in semibench/model.py (gated by train/eval); the aux
+  heads inherit it, and the evaluated student predicts without it.
 - Ramp-up over 10 % of all *iterations*; the official code rounds to whole epochs
   (int(0.1·epochs) epochs), which differs only by a fraction of an epoch.
 - C3 (pair-wise loss, off and never trained in the official code) and confidence masking (off
