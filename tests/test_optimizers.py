@@ -1,0 +1,189 @@
+"""Named optimisers and per-optimiser losses (engine ``Trainer._update``, semibench.method
+'Update steps'): routing, skipping optimisers without gradient, refusals, checkpoints by name."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semibench.engine import Trainer, train
+from semibench.errors import ConfigError, TrainingError
+from semibench.method import Method
+from semibench.registry import METHODS
+from tests.test_engine import one_thread, toy_config, toy_root  # noqa: F401 (fixtures)
+from tests.test_resume import Killed, _assert_same_runs, _state
+
+
+@dataclass
+class TwoHp:
+    mode: str = "split"  # split: loss/a + loss/b; total: one "loss"; only_a: loss/b has no gradient
+
+
+class TwoNets(Method):
+    """A segmenter ("a") and a 1×1-conv critic ("b") on its softmax; each loss depends on both
+    networks, so routing is visible: loss/a must not reach b, loss/b must not reach a."""
+
+    name = "_test_two"
+    Hparams = TwoHp
+    unlabeled_views = None
+
+    def __init__(self, ctx, hp):
+        super().__init__()
+        self.hp = hp
+        self.student = ctx.build_segmenter()
+        self.critic = nn.Conv2d(2, 1, 1)
+        ctx.add_optimizer(self.student.parameters(), name="a")
+        ctx.add_optimizer(self.critic.parameters(), name="b", lr=5e-3, betas=(0.5, 0.9))
+
+    def parts(self, batch):
+        logits = self.student(batch.labeled_image, project=False).logits
+        c = self.critic(logits.float().softmax(1))
+        loss_a = F.cross_entropy(logits.float(), batch.labeled_mask) + (c ** 2).mean()
+        loss_b = ((c - 1) ** 2).mean()
+        return loss_a, loss_b
+
+    def training_step(self, batch, step):
+        loss_a, loss_b = self.parts(batch)
+        if self.hp.mode == "total":
+            return {"loss": loss_a + loss_b}
+        if self.hp.mode == "only_a":
+            return {"loss/a": loss_a, "loss/b": loss_b.detach()}  # b gets no gradient this step
+        return {"loss/a": loss_a, "loss/b": loss_b, "La": loss_a.detach()}
+
+
+class RogueOptimizer(Method):
+    name = "_test_rogue"
+    Hparams = type(None)
+    unlabeled_views = None
+
+    def __init__(self, ctx, hp):
+        super().__init__()
+        self.student = ctx.build_segmenter()
+        self.head = nn.Linear(2, 2)
+        ctx.add_optimizer(self.student.parameters())
+        self.head_opt = torch.optim.SGD(self.head.parameters(), lr=0.1)  # bypasses the engine
+
+    def training_step(self, batch, step):
+        raise AssertionError("never reached")
+
+
+@pytest.fixture
+def two_methods(monkeypatch):
+    METHODS.names()
+    for cls in (TwoNets, RogueOptimizer):
+        monkeypatch.setitem(METHODS._items, cls.name, cls)
+
+
+def _clone(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_each_loss_reaches_only_its_optimisers_parameters(toy_root, tmp_path, two_methods):  # noqa: F811
+    tr = Trainer(toy_config(toy_root, "_test_two"), tmp_path)
+    m = tr.method
+    batch = tr.make_batch(0, 0)
+    # the reference: gradients of loss/a w.r.t. the segmenter, of loss/b w.r.t. the critic
+    torch.manual_seed(5)
+    loss_a, loss_b = m.parts(batch)
+    g_a = torch.autograd.grad(loss_a, [p for n, p in m.student.named_parameters() if "projector" not in n],
+                              retain_graph=True)
+    g_b = torch.autograd.grad(loss_b, list(m.critic.parameters()))
+    g_b_from_a = torch.autograd.grad(m.parts(batch)[0], list(m.critic.parameters()))
+    assert sum(float(g.abs().sum()) for g in g_b_from_a) > 0  # loss/a does depend on the critic
+    torch.manual_seed(5)
+    loss_a, loss_b = m.parts(batch)
+    tr._update(None, [("a", loss_a), ("b", loss_b)])
+    got_a = [p.grad for n, p in m.student.named_parameters() if "projector" not in n]
+    for g, ref in zip(got_a, g_a):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)
+    for p, ref in zip(m.critic.parameters(), g_b):  # loss/a's share did not leak in
+        torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-7)
+    b = tr.ctx.named_optimizers()["b"]
+    assert b.param_groups[0]["initial_lr"] == 5e-3 and b.param_groups[0]["betas"] == (0.5, 0.9)
+
+
+def test_an_optimiser_without_gradient_is_not_stepped(toy_root, tmp_path, two_methods):  # noqa: F811
+    tr = Trainer(toy_config(toy_root, "_test_two", method_params={"mode": "only_a"}), tmp_path)
+    critic = _clone(tr.method.critic)
+    student = _clone(tr.method.student)
+    values = tr.train_step(0, 0)
+    assert all(torch.equal(a, b) for a, b in zip(critic, tr.method.critic.parameters()))
+    assert tr.ctx.named_optimizers()["b"].state == {}  # never stepped: no Adam state at all
+    assert any(not torch.equal(a, b) for a, b in zip(student, tr.method.student.parameters()))
+    assert values["loss"] == pytest.approx(values["loss/a"] + values["loss/b"], rel=1e-6)
+
+
+def test_single_loss_methods_step_exactly_as_one_backward_and_every_optimiser(toy_root, tmp_path, two_methods):  # noqa: F811
+    tr = Trainer(toy_config(toy_root, "_test_two", method_params={"mode": "total"}), tmp_path)
+    ref_method = copy.deepcopy(tr.method)
+    ref_opts = [torch.optim.Adam(ref_method.student.parameters(), lr=tr.cfg.train.lr),
+                torch.optim.Adam(ref_method.critic.parameters(), lr=5e-3, betas=(0.5, 0.9))]
+    tr.set_lr(0)
+    for o, lr in zip(ref_opts, (tr.ctx.optimizers[0].param_groups[0]["lr"], tr.ctx.optimizers[1].param_groups[0]["lr"])):
+        o.param_groups[0]["lr"] = lr
+    batch = tr.make_batch(0, 0)
+    rng = torch.get_rng_state()
+    loss_a, loss_b = ref_method.parts(batch)  # today's path: one backward, then every step
+    (loss_a + loss_b).backward()
+    for o in ref_opts:
+        o.step()
+    torch.set_rng_state(rng)
+    losses = tr.method.training_step(batch, None)
+    tr._update(losses["loss"], tr._per_optimizer_losses(losses))
+    for a, b in zip(ref_method.parameters(), tr.method.parameters()):
+        assert torch.equal(a, b)  # bit-identical on the CPU
+
+
+def test_bad_loss_keys_are_refused(toy_root, tmp_path, two_methods):  # noqa: F811
+    tr = Trainer(toy_config(toy_root, "_test_two"), tmp_path)
+    one = torch.ones((), requires_grad=True)
+    with pytest.raises(TrainingError, match="unknown optimiser.*'c'.*registered: 'a', 'b'"):
+        tr._per_optimizer_losses({"loss/a": one, "loss/c": one})
+    with pytest.raises(TrainingError, match="both 'loss' and per-optimiser"):
+        tr._per_optimizer_losses({"loss": one, "loss/a": one})
+    with pytest.raises(TrainingError, match="no 'loss' and no 'loss/<optimiser>'"):
+        tr._per_optimizer_losses({"L_sup": one})
+
+
+def test_optimiser_registration_is_checked(toy_root, tmp_path, two_methods):  # noqa: F811
+    with pytest.raises(ConfigError, match=r"'_test_rogue' built an optimiser itself \(head_opt: SGD\).*ctx.add_optimizer"):
+        Trainer(toy_config(toy_root, "_test_rogue"), tmp_path)
+    tr = Trainer(toy_config(toy_root, "_test_two"), tmp_path)
+    ctx = tr.ctx
+    with pytest.raises(ConfigError, match="'a' is registered twice"):
+        ctx.add_optimizer(nn.Linear(1, 1).parameters(), name="a")
+    with pytest.raises(ConfigError, match="'c' shares parameters with optimiser\\(s\\) 'b'"):
+        ctx.add_optimizer(tr.method.critic.parameters(), name="c")
+    with pytest.raises(ConfigError, match="'d': bad Adam options"):
+        ctx.add_optimizer(nn.Linear(1, 1).parameters(), name="d", momentum=0.9)
+    with pytest.raises(ConfigError, match="got no parameters"):
+        ctx.add_optimizer([], name="e")
+
+
+def test_checkpoint_by_name_and_resume_bit_identical(toy_root, tmp_path, two_methods):  # noqa: F811
+    cfg = toy_config(toy_root, "_test_two", epochs=2)
+    train(cfg, tmp_path / "whole")
+
+    def kill_after(epoch):
+        if epoch == 0:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "resumed", on_epoch_end=kill_after)
+    saved = _state(tmp_path / "resumed" / "checkpoint.pt")["optimizers"]
+    assert sorted(saved) == ["a", "b"] and saved["b"]["param_groups"][0]["initial_lr"] == 5e-3
+    train(cfg, tmp_path / "resumed")
+    _assert_same_runs(tmp_path / "whole", tmp_path / "resumed")
+
+
+def test_checkpoint_with_other_optimiser_names_is_refused(toy_root, tmp_path, two_methods):  # noqa: F811
+    tr = Trainer(toy_config(toy_root, "_test_two"), tmp_path)
+    state = tr.checkpoint_state(0)
+    state["optimizers"] = {"a": state["optimizers"]["a"], "critic": state["optimizers"]["b"]}
+    torch.save(state, tmp_path / "ck.pt")
+    with pytest.raises(TrainingError, match=r"optimiser states \['a', 'critic'\], the method has \['a', 'b'\]"):
+        tr.load_checkpoint(tmp_path / "ck.pt")
