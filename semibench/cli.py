@@ -168,6 +168,9 @@ def cmd_report(args) -> None:
     if "figures" in steps:
         from .report import figures
         written += figures.write_figures(results, plan, out / "stats", out / "figures", cfg)
+    if args.step == "features":  # Figure 4 needs model inference: only when asked for
+        from .report import features
+        written += features.write_feature_maps(results, plan, out / "figures", args.threads)
     for path in written:
         print(path)
 
@@ -253,8 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p, data_dir=False)
     p.add_argument("--out", default="results", metavar="DIR",
                    help="writes DIR/tables, DIR/stats and DIR/figures (default: results)")
-    p.add_argument("--step", choices=("all", "stats", "tables", "figures"), default="all",
-                   help="one step only (the workflow runs them as separate rules)")
+    p.add_argument("--step", choices=("all", "stats", "tables", "figures", "features"),
+                   default="all", help="one step only (the workflow runs them as separate rules); "
+                                       "features = Figure 4 (model inference), never part of all")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for --step features")
     p.add_argument("--convention", choices=("per_image_mean", "pooled"),
                    help="which metrics.json values the tables show (default: config report."
                         "convention, else per_image_mean)")
