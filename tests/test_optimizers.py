@@ -187,3 +187,16 @@ def test_checkpoint_with_other_optimiser_names_is_refused(toy_root, tmp_path, tw
     torch.save(state, tmp_path / "ck.pt")
     with pytest.raises(TrainingError, match=r"optimiser states \['a', 'critic'\], the method has \['a', 'b'\]"):
         tr.load_checkpoint(tmp_path / "ck.pt")
+
+
+def test_a_real_grad_scaler_meets_no_optimiser_without_gradient(toy_root, tmp_path, two_methods):  # noqa: F811
+    # The CPU GradScaler raises exactly as the CUDA one ("No inf checks were recorded") when it
+    # steps an optimiser without gradient; the engine's skip keeps it from ever doing so.
+    # (tests/test_gpu_amp.py runs the same under CUDA autocast.)
+    tr = Trainer(toy_config(toy_root, "_test_two", method_params={"mode": "only_a"}), tmp_path)
+    tr.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    for it in range(2):
+        tr.train_step(0, it)
+    assert tr.ctx.named_optimizers()["b"].state == {} and tr.ctx.named_optimizers()["a"].state != {}
+    with pytest.raises(AssertionError, match="No inf checks were recorded"):
+        tr.scaler.step(tr.ctx.named_optimizers()["b"])
