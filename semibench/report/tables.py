@@ -265,3 +265,14 @@ def paper_delta(summary: pd.DataFrame, paper1: pd.DataFrame, paper2: pd.DataFram
     merged["delta"] = merged["ours"] - merged["paper"]
     return merged.sort_values(["table", "dataset", "ratio", "method", "metric"], ascending=[True, True, False, True, True],
                               ignore_index=True)
+
+
+#: the five pixel metrics of runs without metric_info (kept for callers of the old API)
+METRICS = ("dice", "jaccard", "accuracy", "specificity", "sensitivity")
+
+
+def read_table1(path) -> list[dict]:
+    """table1.csv back as dicts (ratio and n_seeds int, mean/std float, NaN when missing)."""
+    frame = pd.read_csv(path)
+    return [dict(r, ratio=int(r["ratio"]), n_seeds=int(r["n_seeds"]), mean=float(r["mean"]),
+                 std=float(r["std"])) for r in frame.to_dict("records")]
