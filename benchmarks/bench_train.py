@@ -3,7 +3,16 @@
 Each configuration runs the engine's real training step (augmentation, forward, backward, Adam,
 EMA update, AMP on CUDA) on random in-memory data with unsupervised losses switched on, a few
 warm-up steps, then timed steps. Throughput counts the labeled plus unlabeled images of a step
-(a labeled-only method counts its labeled images only).
+(a labeled-only method counts its labeled images only; CutMix-Seg counts both its unlabeled
+batches).
+
+Two ratios to SupOnly (same backbone, size and device; ``-`` when suponly is not benchmarked):
+``vs sup``, the measured step time over SupOnly's; ``passes``, the ratio implied by the
+DenseUNet passes the method makes, counted in one extra step by forward hooks on every
+segmenter and EMA teacher: Σ images × (3 when the pass's output carries gradient — forward plus
+a backward of about twice its cost — else 1), over SupOnly's 3 × labeled batch. Small heads
+outside the DenseUNets (CCT's auxiliary decoders, GCT's flaw detector) are not counted, so a
+measured ratio above the implied one points at them or at overheads (augmentation, losses).
 
 Peak memory: CUDA ``max_memory_allocated`` over the timed steps; on the CPU the process's peak
 resident set (VmHWM) since the start of the configuration (Linux: reset through
@@ -91,10 +100,32 @@ def bench_one(method: str, backbone: str, size: int, device: str, batch_labeled:
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _cpu_peak_mb()
     n_img = tr.images_per_step * steps
+    cost = pass_cost(tr, warmup + steps)
     return {"method": method, "backbone": backbone, "size": size, "device": str(dev),
-            "batch": f"{batch_labeled}+{batch_unlabeled if tr.views is not None else 0}",
+            "batch": f"{batch_labeled}+{tr.n_unlabeled_batches}x{batch_unlabeled}"
+                     if tr.n_unlabeled_batches > 1 else f"{batch_labeled}+{batch_unlabeled if tr.views is not None else 0}",
             "step_ms": 1000 * dt / steps, "img_per_s": n_img / dt, "peak_mem_mb": peak,
+            "pass_cost": cost, "passes_ratio": cost / (3 * batch_labeled),
             "amp": tr.amp, "threads": torch.get_num_threads()}
+
+
+def pass_cost(tr: Trainer, it: int) -> float:
+    """Σ images × (3 if the output carries gradient else 1) over the DenseUNet passes (every
+    segmenter and EMA teacher) of one training step (see the module docstring)."""
+    cost = [0.0]
+
+    def hook(module, inputs, output):
+        logits = output.logits if hasattr(output, "logits") else output
+        cost[0] += inputs[0].shape[0] * (3.0 if logits.requires_grad else 1.0)
+
+    nets = list(tr.ctx.segmenters) + [teacher for _, teacher, _ in tr.ctx.emas]
+    handles = [net.register_forward_hook(hook) for net in nets]
+    try:
+        tr.train_step(0, it)
+    finally:
+        for h in handles:
+            h.remove()
+    return cost[0]
 
 
 def default_plan(cuda: bool) -> list[tuple[str, int, str]]:
@@ -122,15 +153,26 @@ def main(argv=None) -> int:
     plan = [c for c in default_plan(torch.cuda.is_available())
             if (not args.backbones or c[0] in args.backbones) and (not args.device or c[2] == args.device)]
     rows = []
-    header = f"{'method':<14} {'backbone':<12} {'size':>4} {'device':<7} {'batch':>5} {'step ms':>9} {'img/s':>8} {'peak MB':>8}"
+    header = (f"{'method':<14} {'backbone':<12} {'size':>4} {'device':<7} {'batch':>7} {'step ms':>9} "
+              f"{'img/s':>8} {'peak MB':>8} {'vs sup':>7} {'passes':>7}")
     print(header, flush=True)
+    # SupOnly first in each configuration, so the others' ratios can be printed as they come
+    methods = sorted(methods, key=lambda m: m != "suponly")
     for backbone, size, device in plan:
+        sup = None
         for method in methods:
             r = bench_one(method, backbone, args.size or size, device, args.batch[0], args.batch[1],
                           args.warmup, args.steps)
+            if method == "suponly":
+                sup = r
+            r["vs_suponly"] = r["step_ms"] / sup["step_ms"] if sup else None
+            r["passes_vs_suponly"] = r["pass_cost"] / sup["pass_cost"] if sup else None
             rows.append(r)
-            print(f"{r['method']:<14} {r['backbone']:<12} {r['size']:>4} {r['device']:<7} {r['batch']:>5} "
-                  f"{r['step_ms']:>9.1f} {r['img_per_s']:>8.2f} {r['peak_mem_mb']:>8.0f}", flush=True)
+            vs = f"{r['vs_suponly']:>7.2f}" if sup else f"{'-':>7}"
+            passes = f"{r['passes_vs_suponly']:>7.2f}" if sup else f"{'-':>7}"
+            print(f"{r['method']:<14} {r['backbone']:<12} {r['size']:>4} {r['device']:<7} {r['batch']:>7} "
+                  f"{r['step_ms']:>9.1f} {r['img_per_s']:>8.2f} {r['peak_mem_mb']:>8.0f} {vs} {passes}",
+                  flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0
