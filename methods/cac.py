@@ -108,10 +108,12 @@ def directional_nce(anchor: torch.Tensor, positive: torch.Tensor, anchor_labels:
     a = anchor.float()
     pos = (a * positive.detach().float()).sum(1, keepdim=True) / tau  # (N, 1)
     neg = a @ bank.detach().float().t() / tau  # (N, M)
-    neg = neg.masked_fill(anchor_labels[:, None] == bank_labels[None, :], float("-inf"))
+    # same-label entries get a huge finite negative, not −inf: an anchor without any negative
+    # (A7) then has ℓ = 0 and a zero gradient (an all −inf logsumexp back-propagates NaN)
+    d = (neg - pos).masked_fill(anchor_labels[:, None] == bank_labels[None, :], -1e30)
     # ℓ = log(1 + Σ_n e^{neg_n − pos}) = softplus(logsumexp(neg − pos)): no cancellation of two
-    # large terms (a float32 logsumexp([pos, neg]) − pos loses ~1e-6 at pos = 10), 0 with no negatives
-    return F.softplus(torch.logsumexp(neg - pos, 1))
+    # large terms (a float32 logsumexp([pos, neg]) − pos loses ~1e-6 at pos = 10)
+    return F.softplus(torch.logsumexp(d, 1))
 
 
 def masked_mean(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

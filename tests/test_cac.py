@@ -78,6 +78,17 @@ def test_gradient_flows_only_through_the_anchor():
     assert positive.grad is None and bank.grad is None
 
 
+def test_an_anchor_without_negatives_has_zero_loss_and_a_finite_zero_gradient():
+    anchor = F.normalize(torch.randn(3, 4, generator=_gen(1)), dim=1).requires_grad_()
+    bank = F.normalize(torch.randn(5, 4, generator=_gen(2)), dim=1)
+    loss = directional_nce(anchor, anchor.detach(), torch.tensor([0, 0, 1]), bank,
+                           torch.zeros(5, dtype=torch.long), 0.1)  # anchors 0, 1: no other label
+    assert loss[0] == 0 and loss[1] == 0 and loss[2] > 0
+    loss.sum().backward()
+    assert torch.isfinite(anchor.grad).all()
+    assert torch.equal(anchor.grad[:2], torch.zeros(2, 4)) and anchor.grad[2].abs().sum() > 0
+
+
 # ---------------------------------------------------------------------------- the bank
 
 def test_bank_holds_exactly_the_last_two_steps_and_is_state(toy_root, tmp_path):  # noqa: F811
