@@ -7,7 +7,8 @@
   (``"event": "epoch"``, with ``val_dice``: the per-image mean Dice over the val samples at their
   original size, the table's convention and the model selection score); losses, lr, img/s, peak memory (MB; CUDA
   ``max_memory_allocated``, or the process's peak RSS on the CPU);
-- ``checkpoint.pt`` after every epoch: method state (students *and* teachers), every optimiser,
+- ``checkpoint.pt`` after every epoch: method state (students *and* teachers), every optimiser
+  (by its ``ctx.add_optimizer`` name),
   the AMP scaler, the epoch, the best so far and the config fingerprint. A later ``train`` on the
   same directory resumes from it, and refuses when the config differs (naming the keys);
 - ``best.pt``: ``{"model": inference model state_dict, "epoch", "val_dice", "config"}`` of the

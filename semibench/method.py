@@ -28,7 +28,9 @@ How the planned methods fit:
   in ``train_done.json`` include all n batches.
 - method-specific unlabeled views: the class attribute ``unlabeled_views`` names a view kind
   built by ``semibench.augment`` (``"weak_strong"``: pixel-aligned weak and strong views;
-  ``"single"``; ``"two_crops"``: two overlapping crops and their overlap boxes). Geometric
+  ``"single"``; ``"two_crops"``: two overlapping crops, their flips and overlap boxes).
+  ``view_options`` passes keyword options to the view kind (CAC: ``{"stride": 8, "iou": (0.1,
+  1.0)}``: crop offsets and overlap boxes on the projector's 1/8 grid). Geometric
   transforms that must be inverted (TCSMv2) are applied by the method on tensors. The engine
   checks ``unlabeled_views`` and ``unlabeled_batches`` once, when it builds the method
   (:func:`check_method_class`).
@@ -49,7 +51,8 @@ Update steps (the engine's ``Trainer._update``). ``ctx.add_optimizer(params, nam
 **adam_options)`` registers a named Adam (default lr: the run's ``train.lr``; a method may pass
 its own ``lr``, ``betas``, ...). Every optimiser is poly-scheduled from its own initial lr and
 checkpointed under its name; a method never zeroes, steps or schedules one itself, and an
-optimiser it builds outside ``ctx.add_optimizer`` is refused. ``training_step`` returns either
+optimiser it builds outside ``ctx.add_optimizer`` is refused; names are unique and no
+parameter belongs to two optimisers. ``training_step`` returns either
 
 - ``{"loss": total, ...}``: one backward of ``total`` into every parameter, or
 - ``{"loss/<name>": loss, ...}``, one entry per optimiser it trains this step (no ``"loss"``):
@@ -58,6 +61,7 @@ optimiser it builds outside ``ctx.add_optimizer`` is refused. ``training_step`` 
   parts on different objectives with the others frozen (GCT: ``loss/task_l`` and
   ``loss/task_r`` reach the task models through the flaw detector without changing it,
   ``loss/flaw`` reaches the flaw detector only). The engine logs their sum as ``"loss"``.
+  An optimiser without an entry (or whose loss has no gradient) is not stepped that step.
 
 Per step the engine then (1) zeroes every optimiser, (2) runs the backward pass(es), AMP-scaled,
 (3) steps, in registration order, each optimiser that received a gradient (one with none is
