@@ -41,7 +41,8 @@ Decisions ([D] in competitors.md), with the reasons:
   mode: the two passes see the same batch statistics and differ only in the dropout mask), and
   F's output on it serves both L_fc (back-propagated into f_k only) and L_fd (into F only),
   which equals the official F(x, sg(p_k)) for F's gradient. It halves the cost; BN running
-  statistics then update once per step and model.
+  statistics then update once per step in each task model and twice in F (officially twice
+  and four times).
 - Evaluated model: f_l (``inference_model``); both task models' validation Dice are logged
   each epoch as ``val_dice/task_l`` and ``val_dice/task_r`` (PixelSSL validates both).
 - Task optimiser: the engine's Adam with the run's lr and poly schedule for both task models,
