@@ -105,3 +105,38 @@ def test_shipped_splits_regenerate_byte_identical_from_prepared(name, request, d
         shipped = REPO / "results" / "splits" / name / f"seed{seed}.json"
         assert out.read_bytes() == shipped.read_bytes()
         assert json.loads(out.read_text())["seed"] == seed
+
+
+def _test_ids(name: str) -> list[str]:
+    return json.loads((REPO / "results" / "splits" / name / "seed0.json").read_text())["test"]
+
+
+@pytest.mark.parametrize("name, n_test, n_sources", [("dsb2018", 134, 134), ("monuseg", 224, 14)])
+def test_ground_truth_scored_as_prediction_gives_aji_pq_one(name, n_test, n_sources, request):
+    from semibench.evaluate import score_sample, source_id, summarize
+    from semibench.instances import instance_scores, match
+
+    ds = request.getfixturevalue("dsb" if name == "dsb2018" else "monuseg")
+    ids = _test_ids(name)
+    assert len(ids) == n_test
+    rows = []
+    for i in ids:
+        label = ds.load(i).label
+        s = match(label, label)  # the ground-truth instance map as the predicted one
+        assert (s.aji_c, s.tp_obj, s.fp_obj, s.fn_obj) == (s.aji_u, s.n_true, 0, 0), i
+        assert s.n_true == ds.by_id[i]["n_nuclei"]
+        row = score_sample(i, source_id(ds, i), label, label > 0)
+        assert (row["dice"], row["n_true"]) == (1.0, s.n_true)
+        # (the row's instance metrics use the mask's components, which merge touching nuclei)
+        assert row["aji"] <= 1.0
+        rows.append(row | instance_scores(s) | s.as_dict())  # score the label map itself
+    result = summarize(rows)
+    for k in ("aji", "aji_plus", "pq", "sq", "dq", "obj_f1"):
+        assert result["dataset_level"][k] == 1.0 and result["per_image_mean"][k] == 1.0, k
+    sources = {r["source_id"] for r in rows}
+    assert len(sources) == n_sources
+    if name == "monuseg":  # 16 tiles of each 1000² test image share its id
+        assert all(r["id"].startswith(r["source_id"] + "_r") for r in rows)
+        assert sorted(sum(r["source_id"] == s for r in rows) for s in sources) == [16] * 14
+    else:
+        assert all(r["source_id"] == r["id"] for r in rows)
