@@ -9,6 +9,10 @@ synthetic 256² images of random discs.
 
 Goal (issue 12): ≤ 50 ms per 256² image for the instance metrics on one core.
 
+It also prints the ceiling of each instance mode: the ground-truth mask itself as the prediction
+(a perfect pixel segmentation), whose instances are then only as good as the mode splits
+touching nuclei.
+
     OMP_NUM_THREADS=1 python benchmarks/bench_eval.py [--data-dir data] [--limit 0]
 """
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from semibench.instances import instance_scores, instances_from_mask, match
+from semibench.instances import dataset_scores, instance_scores, instances_from_mask, match
 from semibench.prepared import PreparedDataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,6 +95,15 @@ def main() -> None:
             small_ms = f"{1e3 * secs[small].mean():.1f} (n={small.sum()})" if small.any() else "-"
             print(f"{name:<14} {mode:<11} {len(items):>6} {1e3 * secs.mean():>9.1f} "
                   f"{1e3 * per_256:>8.1f} {1e3 * secs.max():>7.1f} {small_ms:>17}")
+
+    print("\nceiling: the ground-truth mask as the prediction (AJI, PQ: per-image mean / dataset level)")
+    for name, items in sets.items():
+        for mode in ("components", "watershed"):
+            stats = [match(lab, instances_from_mask(lab > 0, mode)) for _, lab in items]
+            per = [instance_scores(s) for s in stats]
+            total = dataset_scores(stats)
+            print(f"{name:<14} {mode:<11} AJI {np.mean([p['aji'] for p in per]):.4f} / "
+                  f"{total['aji']:.4f}   PQ {np.mean([p['pq'] for p in per]):.4f} / {total['pq']:.4f}")
 
 
 if __name__ == "__main__":
