@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from semibench.ema import ema_update
 from semibench.method import Batch, StepInfo, make_hparams
 from semibench.methods._cdcl_losses import (MP, FeatureBank, contrastive_loss, flatten_pixels,
                                             pixel_categories, push_banks)
@@ -141,8 +140,7 @@ def bare_step_worker(name: str, device: torch.device, size: int, batch: tuple[in
         method.training_step(data, info)["loss"].backward()
         for opt in ctx.optimizers:
             opt.step()
-        for student, teacher in ctx.emas:
-            ema_update(teacher, student, 0.999)
+        ctx.update_teachers(1000 + i)  # the engine's EMA step with each teacher's own settings
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
