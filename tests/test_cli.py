@@ -116,12 +116,12 @@ def test_train_receives_files_then_json_merged(monkeypatch, tmp_path):
     monkeypatch.setenv("SEMIBENCH_NUM_GPUS", "0")
     base = tmp_path / "base.yaml"
     base.write_text("data_dir: d1\ntrain: {epochs: 80, lr: 0.0001, backbone: densenet161}\n"
-                    "method_params: {meanteacher: {a: 1}}\n")
+                    "method_params: {meanteacher: {consistency: 0.3}}\n")
     over = tmp_path / "over.yaml"
     over.write_text("data_dir: d2\ntrain: {epochs: 3}\n")
     args = ["train", "--config", str(base), "--config", str(over),
             "--config-json", json.dumps({"train": {"backbone": "tiny"}, "splits_dir": "sp",
-                                         "method_params": {"meanteacher": {"b": 2}}}),
+                                         "method_params": {"meanteacher": {"rampup": 0.5}}}),
             "--dataset", "synthetic", "--method", "meanteacher", "--ratio", "16", "--seed", "3",
             "--device", "cpu"]
     assert cli.main(args) == 0
@@ -129,7 +129,7 @@ def test_train_receives_files_then_json_merged(monkeypatch, tmp_path):
     assert cfg.train == TrainConfig(epochs=3, lr=0.0001, backbone="tiny")
     assert (cfg.data_dir, cfg.splits_dir, cfg.device) == ("d2", "sp", "cpu")
     assert (cfg.dataset, cfg.method, cfg.ratio, cfg.seed) == ("synthetic", "meanteacher", 16, 3)
-    assert cfg.method_params == {"a": 1, "b": 2}
+    assert cfg.method_params == {"consistency": 0.3, "rampup": 0.5}  # merged, then resolved
     assert seen["out"] == Path("results/runs/synthetic/meanteacher/r16/seed3")
 
 
