@@ -9,9 +9,11 @@ files (``RunConfig.to_dict``) they sit under ``method_params.<method>``, as in t
 per-job params; fingerprint keys are ``method_params.<method>.<key>``.
 
 Removed keys: ``train.num_workers`` (the data are held in memory as tensors; there never were
-loader workers, and the key only made every job re-run and then fail its resume). A workflow
-config that still sets it is refused with a message saying to delete the line; a ``config.json``
-written by an older version is still read (the key is dropped).
+loader workers, and the key only made every job re-run and then fail its resume). A config that
+still sets it is refused: at the workflow's dry run by the schema ("Additional properties are not
+allowed ('num_workers' was unexpected)"), by ``semibench train`` with a line saying to delete
+it. A ``config.json`` written by an older version is still read (the key is dropped), so such a
+run directory is refused by its differing keys rather than by a traceback.
 """
 from __future__ import annotations
 
