@@ -129,7 +129,6 @@ def table_texts(results: Results, plan: ReportPlan, comparisons: pd.DataFrame | 
     """{file name: text} for both tables and the paper delta."""
     summary = summarize(results, plan.convention)
     hib = {m: results.higher_is_better(m) for m in results.metrics}
-    families = ", ".join(f.name for f in plan.family_list()) or "none"
     out = {}
     specs = [("table1", "Table 1", plan.grid, None)]
     if plan.ablation is not None:
@@ -137,8 +136,11 @@ def table_texts(results: Results, plan: ReportPlan, comparisons: pd.DataFrame | 
     for name, title, section, metrics in specs:
         metrics = metrics or table_metrics(results, section, plan.convention) or [plan.metric]
         frame = build_table(summary, section, metrics, plan, comparisons, name, hib)
-        note = footnote(plan, n_cases_by_dataset(comparisons, section.datasets), families,
-                        results.abbrev)
+        fams = [f.name for f in plan.family_list() if (f.name == "ablation") == (name == "table2")]
+        if name == "table2" and any(f.name == "vs_baseline" for f in plan.family_list()):
+            fams.append(f"vs_baseline for {display(plan.reference)}")
+        note = footnote(plan, n_cases_by_dataset(comparisons, section.datasets),
+                        ", ".join(fams) or "none", results.abbrev, upper_bound=name == "table1")
         what = ("segmentation of the test sets" if name == "table1"
                 else f"ablation, {results.abbrev(plan.metric)}")
         for suffix, text in render_all(frame, f"{title}: {what}", note, results.abbrev,

@@ -16,18 +16,24 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from .plan import ORDER, UPPER_BOUND, ReportPlan, display, order_methods  # noqa: E402
+from .plan import UPPER_BOUND, ReportPlan, display, order_methods  # noqa: E402
 from .read import Results  # noqa: E402
 
 FIGURES = ["dice_vs_ratio", "per_image_dice", "delta_vs_reference", "cd_diagram",
            "ranking_stability", "overlays", "training_curves"]
-_BASE = sns.color_palette("tab20", len(ORDER))
+# One colour per method everywhere: the bounds grey/black, CDCL red, the competitors tab10, the
+# ablation schemes one blue-green ramp (they are variants of one method).
+_FIXED = {"suponly": "#7f7f7f", "meanteacher": "#1f77b4", "tcsmv2": "#ff7f0e", "cutmix": "#2ca02c",
+          "gct": "#9467bd", "cct": "#8c564b", "cac": "#e377c2", "cdcl": "#d62728",
+          "fullsup": "#000000",
+          **{f"cdcl-scheme{i}": c for i, c in
+             enumerate(sns.color_palette("YlGnBu", 8).as_hex()[2:], start=1)}}
 
 
 def palette(methods) -> dict:
-    """The same colour for a method in every figure and report (by its place in ORDER)."""
-    extra = iter(sns.color_palette("dark", 10))
-    return {m: (_BASE[ORDER.index(m)] if m in ORDER else next(extra)) for m in methods}
+    """The same colour for a method in every figure and report."""
+    extra = iter(sns.color_palette("Dark2", 8).as_hex() * 4)
+    return {m: _FIXED[m] if m in _FIXED else next(extra) for m in methods}
 
 
 def _save(fig, out_dir: Path, name: str) -> list[Path]:
@@ -233,7 +239,8 @@ def ranking_stability(results, plan, cases, stats_dir):
             ax.scatter([i], [summ.loc[m, "rank_median"]], marker="x", color="k", s=30, zorder=3)
         ax.set_xticks(range(len(methods)), [display(m) for m in methods], rotation=45, ha="right")
         ax.set_yticks(range(1, len(methods) + 1))
-        ax.invert_yaxis()
+        ax.set_xlim(-0.6, len(methods) - 0.4)
+        ax.set_ylim(len(methods) + 0.6, 0.4)  # rank 1 on top
         ax.set_ylabel("rank (1 = best)")
         tau = summ["kendall_tau"].iloc[0]
         ax.set_title(f"{d}, 1/{k}: Kendall τ = {tau:.2f}", fontsize=10)
@@ -282,8 +289,9 @@ def overlays(results, plan, cases, stats_dir, cfg=None):
         for row, (q, sid) in enumerate(zip((10, 50, 90), picks)):
             sample = data.load(sid)
             axes[row, 0].imshow(sample.image)
-            axes[row, 0].set_ylabel(f"P{q} Δ={delta[sid] * 100:+.1f}", fontsize=8)
-            axes[row, 0].set_title(sid if row == 0 else sid, fontsize=7)
+            axes[row, 0].set_ylabel(f"{sid}\nP{q}: Δ = {delta[sid] * 100:+.1f}", fontsize=8)
+            if row == 0:
+                axes[row, 0].set_title("image", fontsize=8)
             gt = sample.mask.astype(bool)
             for col, m in enumerate(shown, start=1):
                 ax = axes[row, col]

@@ -20,7 +20,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .plan import UPPER_BOUND, ReportPlan, Section, display
+from .plan import ORDER, UPPER_BOUND, ReportPlan, Section, display
 from .read import Results
 
 BELOW, ABOVE, MISSING = "†", "‡", "—"
@@ -133,12 +133,13 @@ def _html_cell(row) -> str:
     return text + "".join(f"<sup>{m}</sup>" for m in row["mark"])
 
 
-def footnote(plan: ReportPlan, n_cases: dict, families: str, abbrev) -> str:
+def footnote(plan: ReportPlan, n_cases: dict, families: str, abbrev, upper_bound: bool = True) -> str:
     """n, the test and the correction, as the table footnote (plain text)."""
     ns = ", ".join(f"n = {n} ({d})" for d, n in n_cases.items()) or "n unknown"
-    return (f"Cells: mean ± sample std (ddof = 1) over seeds, in %; bold = best shown mean per "
-            f"column among non-{display(UPPER_BOUND)} rows (ties all bold; {display(UPPER_BOUND)} "
-            f"uses all labels and is an upper bound, shown in every group). "
+    bold = (f"bold = best shown mean per column among non-{display(UPPER_BOUND)} rows (ties all "
+            f"bold; {display(UPPER_BOUND)} uses all labels and is an upper bound, shown in every "
+            f"group)" if upper_bound else "bold = best shown mean per column (ties all bold)")
+    return (f"Cells: mean ± sample std (ddof = 1) over seeds, in %; {bold}. "
             f"{BELOW} {abbrev(plan.metric)} significantly below {display(plan.reference)}; "
             f"{ABOVE} significantly above {display(plan.baseline)} "
             f"(two-sided paired Wilcoxon signed-rank, zsplit, on per-source-image "
@@ -263,8 +264,13 @@ def paper_delta(summary: pd.DataFrame, paper1: pd.DataFrame, paper2: pd.DataFram
     merged = paper.merge(ours[["dataset", "ratio", "method", "metric", "ours", "ours_std", "n_seeds"]],
                          on=["dataset", "ratio", "method", "metric"], how="inner")
     merged["delta"] = merged["ours"] - merged["paper"]
-    return merged.sort_values(["table", "dataset", "ratio", "method", "metric"], ascending=[True, True, False, True, True],
-                              ignore_index=True)
+    metric_rank = {m: i for i, m in enumerate(abbrev_to_metric.values())}
+    method_rank = {m: i for i, m in enumerate(ORDER)}
+    merged["_m"] = merged["method"].map(method_rank).fillna(len(ORDER))
+    merged["_x"] = merged["metric"].map(metric_rank)
+    return merged.sort_values(["table", "dataset", "ratio", "_m", "_x"],
+                              ascending=[True, True, False, True, True],
+                              ignore_index=True).drop(columns=["_m", "_x"])
 
 
 #: the five pixel metrics of runs without metric_info (kept for callers of the old API)
