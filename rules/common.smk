@@ -10,10 +10,11 @@ from snakemake.utils import validate
 
 from semibench.config import RunConfig
 from semibench.errors import ConfigError
+from semibench.grid import all_runs
+from semibench.grid import check_names as _check_names
 from semibench.method import make_hparams, resolved_hparams
 from semibench.obtain import get_recipe
 from semibench.registry import DATASETS, METHODS
-from semibench.splits import LABEL_RATIOS
 
 
 def _schema_problem():
@@ -48,54 +49,8 @@ wildcard_constraints:
     seed=r"\d+",
 
 
-def _check_names(kind, names, registry, where):
-    known = registry.names()
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ConfigError(
-            f"unknown {kind}(s) {', '.join(map(repr, unknown))} in config {where}; "
-            f"known: {', '.join(known)}"
-        )
-
-
-def _ratios_for(method, ratios):
-    """A method with a fixed label ratio (fullsup: 1) runs at that ratio only."""
-    fixed = getattr(METHODS.get(method), "fixed_ratio", None)
-    return [fixed] if fixed is not None else list(ratios)
-
-
-def _section_runs(name):
-    section = config.get(name) or {}
-    if not section:
-        return []
-    methods = list(section["methods"])
-    if section.get("fullsup") and "fullsup" not in methods:
-        methods.append("fullsup")
-    _check_names("dataset", section["datasets"], DATASETS, f"{name}.datasets")
-    _check_names("method", methods, METHODS, f"{name}.methods")
-    bad = [k for k in section["ratios"] if k not in LABEL_RATIOS]
-    if bad:
-        raise ConfigError(
-            f"unknown label ratio(s) {', '.join(map(str, bad))} in config {name}.ratios; "
-            f"known: {', '.join(map(str, LABEL_RATIOS))} (k means 1/k labeled)"
-        )
-    return [
-        (d, m, k, s)
-        for d in section["datasets"]
-        for m in methods
-        for k in _ratios_for(m, section["ratios"])
-        for s in section["seeds"]
-    ]
-
-
 def _all_runs():
-    runs = []
-    for run in _section_runs("grid") + _section_runs("ablation"):
-        if run not in runs:
-            runs.append(run)
-    if not runs:
-        raise ConfigError("the config selects no runs (grid and ablation are empty)")
-    return runs
+    return all_runs(config)  # semibench/grid.py: the same run list as `semibench status`
 
 
 def _check_params(runs):

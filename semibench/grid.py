@@ -1,0 +1,83 @@
+"""The run grid of a workflow config: every (dataset, method, ratio, seed) it trains.
+
+One definition, used by the workflow (``rules/common.smk``) and by ``semibench status``, so that
+both always agree on which runs the config asks for. Sections ``grid`` (Table 1) and ``ablation``
+(Table 2) are enumerated in that order and merged without duplicates; a method with a fixed label
+ratio (``fullsup``: 1) runs at that ratio only. Unknown names stop with one
+:class:`~semibench.errors.ConfigError` naming the known ones.
+"""
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple
+
+from .errors import ConfigError
+
+SECTIONS = ("grid", "ablation")
+RUN_DIR = "{dataset}/{method}/r{ratio}/seed{seed}"  # under runs_dir (results/runs)
+
+
+class Run(NamedTuple):
+    dataset: str
+    method: str
+    ratio: int
+    seed: int
+
+    def rel_dir(self) -> str:
+        """The run directory relative to the runs directory (and to logs/<rule>/ without .log)."""
+        return RUN_DIR.format(**self._asdict())
+
+
+def check_names(kind: str, names, registry, where: str) -> None:
+    known = registry.names()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(
+            f"unknown {kind}(s) {', '.join(map(repr, unknown))} in config {where}; "
+            f"known: {', '.join(known)}"
+        )
+
+
+def ratios_for(method: str, ratios) -> list[int]:
+    """A method with a fixed label ratio (fullsup: 1) runs at that ratio only."""
+    from .registry import METHODS
+
+    fixed = getattr(METHODS.get(method), "fixed_ratio", None)
+    return [fixed] if fixed is not None else list(ratios)
+
+
+def section_runs(config: Mapping, name: str) -> list[Run]:
+    from .registry import DATASETS, METHODS
+    from .splits import LABEL_RATIOS
+
+    section = config.get(name) or {}
+    if not section:
+        return []
+    missing = [k for k in ("datasets", "methods", "ratios", "seeds") if k not in section]
+    if missing:  # the workflow's schema says so first; `semibench status` reads configs directly
+        raise ConfigError(f"config {name} lacks {', '.join(missing)}")
+    methods = list(section["methods"])
+    if section.get("fullsup") and "fullsup" not in methods:
+        methods.append("fullsup")
+    check_names("dataset", section["datasets"], DATASETS, f"{name}.datasets")
+    check_names("method", methods, METHODS, f"{name}.methods")
+    bad = [k for k in section["ratios"] if k not in LABEL_RATIOS]
+    if bad:
+        raise ConfigError(
+            f"unknown label ratio(s) {', '.join(map(str, bad))} in config {name}.ratios; "
+            f"known: {', '.join(map(str, LABEL_RATIOS))} (k means 1/k labeled)"
+        )
+    return [
+        Run(d, m, int(k), int(s))
+        for d in section["datasets"]
+        for m in methods
+        for k in ratios_for(m, section["ratios"])
+        for s in section["seeds"]
+    ]
+
+
+def all_runs(config: Mapping) -> list[Run]:
+    """Every run of the config, grid first, then the ablation runs not already in the grid."""
+    runs = list(dict.fromkeys(run for name in SECTIONS for run in section_runs(config, name)))
+    if not runs:
+        raise ConfigError("the config selects no runs (grid and ablation are empty)")
+    return runs
