@@ -439,7 +439,8 @@ class Trainer:
     def _per_optimizer_losses(self, losses: dict) -> list[tuple[str, torch.Tensor]]:
         """``[(optimiser name, loss)]`` in the method's order for ``"loss/<name>"`` keys, or []
         for a method that returns one ``"loss"`` (see ``semibench.method``, update steps)."""
-        prefixed = [(k[len(LOSS_PREFIX):], v) for k, v in losses.items() if k.startswith(LOSS_PREFIX)]
+        prefixed = [(k[len(LOSS_PREFIX):], torch.as_tensor(v, device=self.device))  # a tensor: itself
+                    for k, v in losses.items() if k.startswith(LOSS_PREFIX)]
         method = self.cfg.method
         if not prefixed:
             if "loss" not in losses:
