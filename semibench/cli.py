@@ -175,6 +175,22 @@ def cmd_report(args) -> None:
         print(path)
 
 
+def cmd_status(args) -> None:
+    """Where the configured grid stands: config/config.yaml, then --config files in order (as the
+    workflow merges --configfile), then --config-json."""
+    from .config import SCHEMA_PATH
+    from .status import format_text, grid_status
+
+    base = Path("config/config.yaml")
+    if not base.exists():  # outside the workflow directory: the package's own defaults
+        base = SCHEMA_PATH.parent / "config.yaml"
+    args.config = [str(base)] + list(args.config or [])
+    cfg = _workflow_config(args)
+    report = grid_status(cfg, Path(args.runs_dir), Path(args.logs_dir), jobs=args.jobs,
+                         fresh_minutes=args.fresh_minutes)
+    print(json.dumps(report, indent=1) if args.json else format_text(report))
+
+
 def cmd_gpu_slot(args) -> None:
     from . import gpu
 
@@ -267,6 +283,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail when a declared comparison cannot be paired (default: leave it "
                         "untested, with the reason in the stats)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("status", help="where the configured grid stands: runs done, trained, "
+                                      "running, interrupted, failed, missing, and an ETA",
+                       description="Classify every run of the configured grid (config/config.yaml "
+                                   "merged with --config files in order) and estimate the time left.")
+    _config_args(p, data_dir=False)
+    p.add_argument("--runs-dir", default="results/runs", metavar="DIR",
+                   help="run directories DIR/D/M/rK/seedS (default: results/runs)")
+    p.add_argument("--logs-dir", default="logs", metavar="DIR",
+                   help="job logs DIR/{train,evaluate}/D/M/rK/seedS.log (default: logs)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="runs trained at once, dividing the grid's remaining time (default 1)")
+    p.add_argument("--fresh-minutes", type=float, default=10.0, metavar="MIN",
+                   help="a train.jsonl written this recently counts as running (default 10)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema in README)")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("gpu-slot", help="run CMD holding a free GPU slot (sets CUDA_VISIBLE_DEVICES)",
                        description="Lock a free GPU (flock in $SEMIBENCH_GPU_LOCK_DIR) and run CMD "
