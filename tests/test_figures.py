@@ -82,3 +82,36 @@ def test_pca_rgb_and_silhouette_by_hand():
     s1 = (np.mean([9, 10]) - 1) / np.mean([9, 10])
     assert silhouette(x, lab) == pytest.approx(np.mean([s0, s1, s1, s0]))
     assert np.isnan(silhouette(x, np.zeros(4)))
+
+
+def test_feature_maps_from_real_checkpoints(tmp_path):
+    """Figure 4 end to end: tiny random-init DenseUNets saved as best.pt, one test image."""
+    import json
+
+    import torch
+
+    from semibench.config import RunConfig, TrainConfig
+    from semibench.model import build_model
+    from semibench.report import features
+
+    files = make_runs(tmp_path / "runs")
+    _prepared(tmp_path / "data")
+    splits = tmp_path / "splits" / "dsb2018"
+    splits.mkdir(parents=True)
+    (splits / "seed0.json").write_text(json.dumps({"dataset": "dsb2018", "seed": 0, "train": [],
+                                                   "val": [], "test": ["img3", "img1"], "labeled": {}}))
+    torch.manual_seed(0)
+    for f in files:
+        if "/seed0/" not in f.as_posix() or "/r32/" not in f.as_posix():
+            continue
+        method = f.parts[-4]
+        cfg = RunConfig("dsb2018", method, 32, 0, data_dir=str(tmp_path / "data"),
+                        splits_dir=str(tmp_path / "splits"),
+                        train=TrainConfig(backbone="tiny", weights="none", input_size=32))
+        (f.parent / "config.json").write_text(json.dumps(cfg.to_dict()))
+        torch.save({"model": build_model("tiny", "none").state_dict()}, f.parent / "best.pt")
+    results, plan = build.load(files, CONFIG)
+    paths = features.write_feature_maps(results, plan, tmp_path / "fig", threads=1)
+    assert [p.name for p in paths] == ["feature_maps.png", "feature_maps.pdf"]
+    w, h = Image.open(paths[0]).size
+    assert h > 300 and w > 1000  # input, truth and suponly, scheme1, cdcl panels, not a placeholder

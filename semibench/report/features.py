@@ -1,5 +1,5 @@
-"""Figure 4 of the paper: the extractor's feature maps of SupOnly and Schemes 1-3 on one test
-image, as the first three principal components shown as RGB, with the silhouette score of
+"""Figure 4 of the paper: the extractor's feature maps of SupOnly and Schemes 1-3 (and, as an
+extra panel, full CDCL) on one test image, as the first three principal components shown as RGB, with the silhouette score of
 foreground vs background pixels (PCA colours are not comparable across panels, the score is).
 
 Needs model inference, so it is its own rule; cheap: one image, four forward passes, CPU."""
@@ -13,7 +13,7 @@ from ..errors import DataError
 from .plan import ReportPlan, display
 from .read import Results
 
-METHODS = ("suponly", "cdcl-scheme1", "cdcl-scheme2", "cdcl-scheme3")
+METHODS = ("suponly", "cdcl-scheme1", "cdcl-scheme2", "cdcl-scheme3", "cdcl")  # the paper's four, + CDCL
 MAX_PIXELS = 2000  # pixels sampled for the silhouette score (O(n²))
 
 
