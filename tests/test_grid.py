@@ -1,0 +1,92 @@
+"""The run grid (semibench/grid.py): the one list the workflow and `semibench status` share."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from semibench.config import load_workflow_config
+from semibench.errors import ConfigError
+from semibench.grid import Run, all_runs, section_runs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_grid_runs_in_order_and_fullsup_at_ratio_1_only():
+    cfg = {"grid": {"datasets": ["dsb2018", "monuseg"], "methods": ["suponly", "cdcl"],
+                    "ratios": [32, 8], "fullsup": True, "seeds": [0, 1]}}
+    runs = all_runs(cfg)
+    expected = [Run(d, m, k, s) for d in ("dsb2018", "monuseg") for m in ("suponly", "cdcl")
+                for k in (32, 8) for s in (0, 1)]
+    expected_fullsup = {d: [Run(d, "fullsup", 1, s) for s in (0, 1)] for d in ("dsb2018", "monuseg")}
+    # per dataset: the listed methods, then fullsup (appended), each over ratios then seeds
+    assert runs == (expected[:8] + expected_fullsup["dsb2018"]
+                    + expected[8:] + expected_fullsup["monuseg"])
+    assert {r.ratio for r in runs if r.method == "fullsup"} == {1}
+    assert len(runs) == 2 * 2 * 2 * 2 + 2 * 2
+
+
+def test_fullsup_listed_explicitly_is_not_doubled_and_ignores_the_ratios():
+    cfg = {"grid": {"datasets": ["synthetic"], "methods": ["fullsup", "suponly"], "ratios": [16, 8],
+                    "fullsup": True, "seeds": [3]}}
+    assert all_runs(cfg) == [Run("synthetic", "fullsup", 1, 3), Run("synthetic", "suponly", 16, 3),
+                             Run("synthetic", "suponly", 8, 3)]
+
+
+def test_ablation_merged_after_the_grid_without_duplicates():
+    cfg = {"grid": {"datasets": ["dsb2018"], "methods": ["cdcl"], "ratios": [32, 8], "seeds": [0]},
+           "ablation": {"datasets": ["dsb2018"], "methods": ["cdcl", "cdcl-scheme1"],
+                        "ratios": [32], "seeds": [0, 1]}}
+    assert all_runs(cfg) == [
+        Run("dsb2018", "cdcl", 32, 0), Run("dsb2018", "cdcl", 8, 0),  # grid
+        Run("dsb2018", "cdcl", 32, 1),  # ablation: (cdcl, 32, 0) is already in the grid
+        Run("dsb2018", "cdcl-scheme1", 32, 0), Run("dsb2018", "cdcl-scheme1", 32, 1)]
+
+
+def test_empty_sections():
+    assert section_runs({"grid": {}}, "grid") == []
+    assert section_runs({}, "ablation") == []
+    cfg = {"grid": {"datasets": ["synthetic"], "methods": ["cdcl"], "ratios": [8], "seeds": [0]},
+           "ablation": {}}
+    assert all_runs(cfg) == [Run("synthetic", "cdcl", 8, 0)]
+    with pytest.raises(ConfigError, match=r"^the config selects no runs \(grid and ablation are empty\)$"):
+        all_runs({"grid": {}, "ablation": None})
+
+
+def test_run_dir_layout():
+    assert Run("dsb2018", "cdcl", 32, 2).rel_dir() == "dsb2018/cdcl/r32/seed2"
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("grid", "methods", ["cdcl", "nosuch"],
+     "unknown method(s) 'nosuch' in config grid.methods; known: cac, cct, cdcl, "),
+    ("ablation", "datasets", ["mnist", "dsb2018", "cifar"],
+     "unknown dataset(s) 'mnist', 'cifar' in config ablation.datasets; known: dsb2018, monuseg, synthetic"),
+    ("grid", "ratios", [8, 3, 64],
+     "unknown label ratio(s) 3, 64 in config grid.ratios; known: 32, 16, 8, 1 (k means 1/k labeled)"),
+])
+def test_unknown_names_give_the_workflows_one_line_errors(section, key, value, message):
+    cfg = {s: {"datasets": ["dsb2018"], "methods": ["cdcl"], "ratios": [32], "seeds": [0]}
+           for s in ("grid", "ablation")}
+    cfg[section][key] = value
+    with pytest.raises(ConfigError) as e:
+        all_runs(cfg)
+    assert str(e.value).startswith(message)
+    assert "\n" not in str(e.value)
+
+
+def _count(section: dict) -> int:
+    """datasets × (methods × ratios + fullsup at one ratio) × seeds, when nothing overlaps."""
+    methods = [m for m in section["methods"] if m != "fullsup"]
+    fullsup = bool(section.get("fullsup")) or "fullsup" in section["methods"]
+    return len(section["datasets"]) * (len(methods) * len(section["ratios"]) + fullsup) * len(section["seeds"])
+
+
+@pytest.mark.parametrize("files", [["config.yaml"], ["config.yaml", "quick.yaml"]])
+def test_shipped_configs(files):
+    """The paper's grid (Table 1 and the Table 2 schemes) and the quick one: every run once."""
+    cfg = load_workflow_config([ROOT / "config" / f for f in files])
+    runs = all_runs(cfg)
+    assert len(set(runs)) == len(runs)
+    assert len(runs) == _count(cfg["grid"]) + _count(cfg["ablation"])  # the schemes are not in the grid
+    assert {r.dataset for r in runs} == set(cfg["grid"]["datasets"]) | set(cfg["ablation"]["datasets"])
