@@ -27,6 +27,23 @@ class Run(NamedTuple):
         return RUN_DIR.format(**self._asdict())
 
 
+def check_schema(config: Mapping) -> None:
+    """The first violation of ``config/schema.json`` as one :class:`ConfigError`, worded as the
+    workflow's dry run words it (``invalid config at grid.ratios: ...``)."""
+    import json
+
+    import jsonschema
+
+    from .config import SCHEMA_PATH
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(schema).iter_errors(dict(config)))
+    if error is not None:
+        where = ".".join(map(str, error.absolute_path)) or "top level"
+        raise ConfigError(f"invalid config at {where}: {error.message}")
+
+
 def check_names(kind: str, names, registry, where: str) -> None:
     known = registry.names()
     unknown = [n for n in names if n not in known]

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .errors import ConfigError
-from .grid import Run, all_runs
+from .grid import Run, all_runs, check_schema
 
 SCHEMA = "semibench.status/1"
 STATES = ("done", "trained", "running", "interrupted", "failed", "missing")
@@ -321,6 +321,7 @@ def grid_status(config: Mapping, runs_dir: Path = Path("results/runs"), logs_dir
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     if fresh_minutes < 0:
         raise ConfigError(f"--fresh-minutes must be >= 0, got {fresh_minutes}")
+    check_schema(config)  # as the workflow's dry run does, before reading the grid
     runs = all_runs(config)
     now = time.time() if now is None else now
     live = live_run_dirs(proc_root)

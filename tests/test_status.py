@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from semibench import cli
+from semibench.config import deep_merge, load_workflow_config
 from semibench.status import (STATES, command_run_dir, grid_status, live_run_dirs, log_error,
                               read_jsonl)
 
@@ -24,6 +25,8 @@ CONFIG = {
                  "seeds": [0]},
     "train": {"epochs": 4},
 }
+ROOT = Path(__file__).resolve().parent.parent
+FULL_CONFIG = deep_merge(load_workflow_config([ROOT / "config" / "config.yaml"]), CONFIG)  # as the CLI
 ERROR = "RuntimeError: CUDA error: out of memory"
 
 
@@ -114,7 +117,7 @@ GRID_LEFT = RUNNING_LEFT + INTERRUPTED_LEFT + FAILED_LEFT + FULLSUP_LEFT + DATAS
 
 def test_each_state_epochs_and_eta(tree):
     root, now = tree
-    report = grid_status(CONFIG, root / "results/runs", root / "logs", jobs=2, now=now,
+    report = grid_status(FULL_CONFIG, root / "results/runs", root / "logs", jobs=2, now=now,
                          proc_root=root / "noproc")
     runs = by_dir(report)
     assert list(runs) == [  # the grid's order (semibench.grid)
@@ -165,7 +168,7 @@ def test_each_state_epochs_and_eta(tree):
 
 def test_json_schema(tree):
     root, now = tree
-    report = grid_status(CONFIG, root / "results/runs", root / "logs", now=now,
+    report = grid_status(FULL_CONFIG, root / "results/runs", root / "logs", now=now,
                          proc_root=root / "noproc")
     assert json.loads(json.dumps(report)) == report  # plain JSON types only
     assert set(report) == {"schema", "generated_at", "runs_dir", "logs_dir", "total", "counts",
@@ -221,6 +224,8 @@ def test_plain_text_and_cli(tree, monkeypatch, capsys):
     (["--config-json", '{"ablation": {"ratios": [5]}}'],
      "unknown label ratio(s) 5 in config ablation.ratios; known: 32, 16, 8, 1"),
     (["--jobs", "0"], "--jobs must be >= 1, got 0"),
+    (["--config-json", '{"grid": {"ratios": 8}}'],
+     "invalid config at grid.ratios: 8 is not of type 'array'"),  # the workflow's schema message
 ])
 def test_bad_config_is_one_line_exit_2(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
@@ -243,7 +248,7 @@ def test_restarted_failed_run_counts_as_running(tree):
     (proc / "4242" / "cwd").symlink_to(root)
     (proc / "self").mkdir()  # not a pid: skipped
     assert live_run_dirs(proc) == {os.path.realpath(root / "results/runs/synthetic/meanteacher/r8/seed1"): 4242}
-    report = grid_status(CONFIG, root / "results/runs", root / "logs", now=now, proc_root=proc)
+    report = grid_status(FULL_CONFIG, root / "results/runs", root / "logs", now=now, proc_root=proc)
     run = by_dir(report)["synthetic/meanteacher/r8/seed1"]
     assert (run["state"], run["running"], run["error"]) == ("running", {"via": "process", "pid": 4242}, None)
     assert run["remaining_s"] == pytest.approx(FAILED_LEFT)
@@ -255,20 +260,20 @@ def test_stale_log_and_finished_training(tree):
     root, now = tree
     runs = root / "results/runs"
     os.utime(runs / "synthetic/meanteacher/r8/seed1/train.jsonl", (now - 100, now - 100))
-    report = grid_status(CONFIG, runs, root / "logs", now=now, proc_root=root / "noproc")
+    report = grid_status(FULL_CONFIG, runs, root / "logs", now=now, proc_root=root / "noproc")
     assert by_dir(report)["synthetic/meanteacher/r8/seed1"]["state"] == "running"  # fresh again
-    report = grid_status(CONFIG, runs, root / "logs", now=now, fresh_minutes=1,
+    report = grid_status(FULL_CONFIG, runs, root / "logs", now=now, fresh_minutes=1,
                          proc_root=root / "noproc")
     assert by_dir(report)["synthetic/meanteacher/r8/seed1"]["state"] == "interrupted"
 
     trained = runs / "synthetic/fullsup/r1/seed0"
     os.utime(trained / "train.jsonl", (now - 5, now - 5))
     write_log(root, "train", "synthetic/fullsup/r1/seed0", f"{ERROR}\n", now)
-    report = grid_status(CONFIG, runs, root / "logs", now=now, proc_root=root / "noproc")
+    report = grid_status(FULL_CONFIG, runs, root / "logs", now=now, proc_root=root / "noproc")
     assert by_dir(report)["synthetic/fullsup/r1/seed0"]["state"] == "trained"
     write_log(root, "evaluate", "synthetic/fullsup/r1/seed0",
               "semibench: error: best.pt is truncated; delete it\n", now)
-    run = by_dir(grid_status(CONFIG, runs, root / "logs", now=now, proc_root=root / "noproc"))[
+    run = by_dir(grid_status(FULL_CONFIG, runs, root / "logs", now=now, proc_root=root / "noproc"))[
         "synthetic/fullsup/r1/seed0"]
     assert run["state"] == "failed"
     assert run["error"]["line"] == "semibench: error: best.pt is truncated; delete it"
