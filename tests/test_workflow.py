@@ -20,7 +20,7 @@ from semibench.registry import DATASETS, METHODS
 from semibench.report.tables import METRICS, read_table1
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKFLOW_FILES = ("Snakefile", "rules", "config", "profiles", "envs")
+WORKFLOW_FILES = ("Snakefile", "rules", "config", "profiles", "envs", "report")
 
 
 def snakemake(*args, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -62,16 +62,16 @@ def test_paper_grid_dry_run(workdir):
     out = snakemake("-n", "--cores", "all", "--resources", "gpu=4", cwd=workdir)
     assert out.returncode == 0, out.stderr
     counts = job_counts(out.stdout + out.stderr)
-    # Table 1: 2 datasets x (3 methods x 3 ratios + fullsup at 1) x 3 seeds = 60;
-    # Table 2: dsb2018 x 6 schemes x 3 ratios x 3 seeds = 54
-    assert counts["train"] == counts["evaluate"] == 60 + 54
+    # Table 1: 2 datasets x (8 methods x 3 ratios + fullsup at 1) x 3 seeds = 150;
+    # Table 2 (the paper's ablation): 2 datasets x 6 schemes at 1/32 x 3 seeds = 36
+    assert counts["train"] == counts["evaluate"] == 150 + 36
     assert counts["obtain"] == counts["verify"] == counts["prepare"] == 2
     assert counts["split"] == 2 * 3
-    assert counts["report"] == counts["all"] == 1
+    assert counts["tables"] == counts["stats"] == counts["figures"] == counts["all"] == 1
     text = out.stdout + out.stderr
     assert "results/runs/monuseg/fullsup/r1/seed2/best.pt" in text
-    assert "results/runs/dsb2018/cdcl-scheme6/r32/seed0/metrics.json" in text
-    assert "results/runs/monuseg/cdcl-scheme1" not in text  # ablation is DSB only
+    assert "results/runs/monuseg/cdcl-scheme6/r32/seed0/metrics.json" in text
+    assert "results/runs/dsb2018/cdcl-scheme1/r8" not in text  # the ablation is at 1/32 only
     assert "results/runs/dsb2018/suponly/r1/" not in text  # only fullsup runs at ratio 1
 
 
