@@ -41,7 +41,7 @@ rule stats:
         per_image=all_per_image(),
     output:
         report("results/stats/comparisons.html", caption="../report/stats.rst",
-               category="Statistics", labels={"file": "pairwise comparisons"}),
+               category="Significance tests", labels={"file": "pairwise comparisons"}),
         [f for f in STATS if not f.endswith(".html")],
     params:
         cfg=report_config_json(),

@@ -115,6 +115,7 @@ def test_rendered_cells(runs, tmp_path):
     assert "| method | 1/32 DC | 1/32 JC | 1/32 ACC | 1/32 SP | 1/32 SE | 1/8 DC |" in md
     assert f"| CDCL | **{shown}**‡ | **50.00 ± 0.00** |" in md
     assert "| FullSup |" in md and "n = 14 (dsb2018)" in md and "Holm" in md
+    assert "With 3 seeds the std is imprecise (95 % CI of σ: 0.52·s to 6.3·s)" in md  # chi² quantiles
     tex = (tmp_path / "tables" / "table1.tex").read_text()
     assert r"\toprule" in tex and r"\bottomrule" in tex and r"\cmidrule(lr){2-6} \cmidrule(lr){7-11}" in tex
     assert r"Method & \multicolumn{5}{c}{1/32} & \multicolumn{5}{c}{1/8} \\" in tex

@@ -140,7 +140,8 @@ def table_texts(results: Results, plan: ReportPlan, comparisons: pd.DataFrame | 
         if name == "table2" and any(f.name == "vs_baseline" for f in plan.family_list()):
             fams.append(f"vs_baseline for {display(plan.reference)}")
         note = footnote(plan, n_cases_by_dataset(comparisons, section.datasets),
-                        ", ".join(fams) or "none", results.abbrev, upper_bound=name == "table1")
+                        ", ".join(fams) or "none", results.abbrev, upper_bound=name == "table1",
+                        n_seeds=len(section.seeds))
         what = ("segmentation of the test sets" if name == "table1"
                 else f"ablation, {results.abbrev(plan.metric)}")
         for suffix, text in render_all(frame, f"{title}: {what}", note, results.abbrev,

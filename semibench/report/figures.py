@@ -22,12 +22,12 @@ from .read import Results  # noqa: E402
 FIGURES = ["dice_vs_ratio", "per_image_dice", "delta_vs_reference", "cd_diagram",
            "ranking_stability", "overlays", "training_curves"]
 # One colour per method everywhere: the bounds grey/black, CDCL red, the competitors tab10, the
-# ablation schemes one blue-green ramp (they are variants of one method).
-_FIXED = {"suponly": "#7f7f7f", "meanteacher": "#1f77b4", "tcsmv2": "#ff7f0e", "cutmix": "#2ca02c",
+# ablation schemes one green ramp (they are variants of one method).
+_FIXED = {"suponly": "#7f7f7f", "meanteacher": "#1f77b4", "tcsmv2": "#ff7f0e", "cutmix": "#17becf",
           "gct": "#9467bd", "cct": "#8c564b", "cac": "#e377c2", "cdcl": "#d62728",
           "fullsup": "#000000",
           **{f"cdcl-scheme{i}": c for i, c in
-             enumerate(sns.color_palette("YlGnBu", 8).as_hex()[2:], start=1)}}
+             enumerate(sns.color_palette("YlGn", 8).as_hex()[2:], start=1)}}
 
 
 def palette(methods) -> dict:
@@ -88,13 +88,14 @@ def dice_vs_ratio(results: Results, plan: ReportPlan, cases, stats_dir):
                 ax.axhline(rows["value"].mean() * 100, ls="--", color=pal[m], lw=1.2,
                            label=f"{display(m)} (100 %)")
                 continue
-            off = (j - len(methods) / 2) * 0.04
+            off = (j - (len(methods) - 1) / 2) * 0.06
             x = rows["ratio"].map(xpos) + off
             ax.scatter(x, rows["value"] * 100, s=12, color=pal[m], alpha=0.6, zorder=3)
             mean = rows.groupby("ratio")["value"].mean().reindex(ratios)
             ax.plot(np.arange(len(ratios)) + off, mean.to_numpy() * 100, marker="o", color=pal[m],
                     ls=":" if m == plan.baseline else "-", lw=1.6, label=display(m))
         ax.set_xticks(range(len(ratios)), [f"1/{k}" for k in ratios])
+        ax.set_xlim(-0.5, len(ratios) - 0.5)
         ax.set_xlabel("labeled fraction")
         ax.set_ylabel(f"{results.abbrev(metric)} (%)")
         ax.set_title(d)
@@ -112,10 +113,12 @@ def _cells_present(cases, plan):
 def per_image_dice(results, plan, cases, stats_dir):
     if cases.empty:
         return placeholder("no per-image values")
-    cells = _cells_present(cases, plan)
+    upper = cases[cases["method"] == UPPER_BOUND]
+    cells = [c for c in _cells_present(cases, plan) if c[1] != 1 or upper.empty]
     fig, axes = _facets(len(cells), width=max(4.2, 0.5 * cases["method"].nunique() + 2))
     for ax, (d, k) in zip(axes, cells):
-        part = cases[(cases["dataset"] == d) & (cases["ratio"] == k)].copy()
+        part = cases[(cases["dataset"] == d) & (cases["ratio"] == k)]
+        part = pd.concat([part, upper[upper["dataset"] == d]]).copy()  # FullSup as the reference
         methods = order_methods(part["method"])
         part["value"] *= 100
         pal = palette(methods)
@@ -357,8 +360,13 @@ def training_curves(results, plan, cases, stats_dir):
             axes[1, j].set_xlabel("epoch")
         for ax in axes[:, j]:
             ax.grid(alpha=0.3)
-    axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    handles = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
     fig.tight_layout()
+    fig.legend(handles.values(), handles.keys(), fontsize=8, loc="center left",
+               bbox_to_anchor=(1.0, 0.5), frameon=False)
     return fig
 
 

@@ -133,9 +133,25 @@ def _html_cell(row) -> str:
     return text + "".join(f"<sup>{m}</sup>" for m in row["mark"])
 
 
-def footnote(plan: ReportPlan, n_cases: dict, families: str, abbrev, upper_bound: bool = True) -> str:
+def std_ci_factors(n_seeds: int) -> tuple[float, float]:
+    """95 % CI of sigma as multiples of the sample std s with n seeds (chi-square quantiles)."""
+    from scipy.stats import chi2
+
+    df = n_seeds - 1
+    return math.sqrt(df / chi2.ppf(0.975, df)), math.sqrt(df / chi2.ppf(0.025, df))
+
+
+def footnote(plan: ReportPlan, n_cases: dict, families: str, abbrev, upper_bound: bool = True,
+             n_seeds: int = 3) -> str:
     """n, the test and the correction, as the table footnote (plain text)."""
     ns = ", ".join(f"n = {n} ({d})" for d, n in n_cases.items()) or "n unknown"
+    if n_seeds >= 2:
+        lo, hi = std_ci_factors(n_seeds)
+        spread = (f"With {n_seeds} seeds the std is imprecise (95 % CI of σ: {lo:.2f}·s to "
+                  f"{hi:.1f}·s); where the test set is re-drawn per seed (DSB) it mixes "
+                  f"training and test-sampling variance. ")
+    else:
+        spread = "One seed: no spread. "
     bold = (f"bold = best shown mean per column among non-{display(UPPER_BOUND)} rows (ties all "
             f"bold; {display(UPPER_BOUND)} uses all labels and is an upper bound, shown in every "
             f"group)" if upper_bound else "bold = best shown mean per column (ties all bold)")
@@ -144,9 +160,8 @@ def footnote(plan: ReportPlan, n_cases: dict, families: str, abbrev, upper_bound
             f"{ABOVE} significantly above {display(plan.baseline)} "
             f"(two-sided paired Wilcoxon signed-rank, zsplit, on per-source-image "
             f"{abbrev(plan.metric)} averaged over seeds; {ns} source images; Holm within each "
-            f"family ({families}) and dataset; α = {plan.options.alpha}). With 3 seeds the std "
-            f"is imprecise (95 % CI 0.52·s to 6.3·s); on a re-drawn test set per seed (DSB) it "
-            f"mixes training and test-sampling variance. {MISSING} = run missing. "
+            f"family ({families}) and dataset; α = {plan.options.alpha}). {spread}"
+            f"{MISSING} = run missing. "
             f"Tests are conditional on these runs and this test set.")
 
 
@@ -192,7 +207,8 @@ def render_latex(frame: pd.DataFrame, title: str, note: str, abbrev, label: str)
         out += [r"\bottomrule", r"\end{tabular}",
                 rf"\par\smallskip\parbox{{\linewidth}}{{\footnotesize {_tex_escape(note)}}}".replace(
                     "±", r"$\pm$").replace("†", r"$^{\dagger}$").replace("‡", r"$^{\ddagger}$")
-                .replace("α", r"$\alpha$").replace("·", r"$\cdot$").replace("—", "---"),
+                .replace("α", r"$\alpha$").replace("σ", r"$\sigma$").replace("·", r"$\cdot$")
+                .replace("—", "---"),
                 r"\end{table}", ""]
     return "\n".join(out)
 
