@@ -157,6 +157,11 @@ def cmd_report(args) -> None:
     if args.convention:
         cfg = dict(cfg, report=dict(cfg.get("report") or {}, convention=args.convention))
     results, plan = build.load(files, cfg)
+    configured = set(plan.grid.runs()) | set(plan.ablation.runs() if plan.ablation else [])
+    outside = sorted(set(results.run_dirs) - configured)
+    if outside:
+        print(f"semibench: note: {len(outside)} run(s) outside the configured grid/ablation are "
+              "left out of the tables, e.g. {}/{}/r{}/seed{}".format(*outside[0]), file=sys.stderr)
     out = Path(args.out)
     steps = ("stats", "tables", "figures") if args.step == "all" else (args.step,)
     written = []
