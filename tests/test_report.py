@@ -222,3 +222,22 @@ def test_cli_partial_grid(runs, tmp_path, capsys):
     assert main(["report", "--runs", str(tmp_path / "nothing" / "*.json"), "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip().endswith(
         "semibench: error: no metrics files given or matched (--metrics FILE ... or --runs GLOB)")
+
+
+def test_plan_from_the_default_config():
+    """The default config is the paper's: Table 2 = SupOnly, Schemes 1-6, CDCL on both datasets
+    at 1/32, and three families declared before any result."""
+    from semibench.config import load_workflow_config
+    from semibench.report.plan import plan_from_config
+
+    root = Path(__file__).resolve().parents[1]
+    plan = plan_from_config(load_workflow_config([root / "config" / "config.yaml"]))
+    assert plan.ablation.methods == ("suponly", *[f"cdcl-scheme{i}" for i in range(1, 7)], "cdcl")
+    assert plan.ablation.datasets == ("dsb2018", "monuseg") and plan.ablation.ratios == (32,)
+    assert plan.grid.methods[0] == "suponly" and plan.grid.methods[-2:] == ("cdcl", "fullsup")
+    fams = {f.name: f for f in plan.family_list()}
+    assert set(fams) == {"vs_reference", "vs_baseline", "ablation"}
+    assert fams["vs_reference"].against == "cdcl" and "fullsup" not in fams["vs_reference"].methods
+    assert "suponly" not in fams["vs_baseline"].methods and fams["vs_baseline"].against == "suponly"
+    assert fams["vs_reference"].cells == tuple((d, k) for d in ("dsb2018", "monuseg") for k in (32, 16, 8))
+    assert plan.options.n_resamples == 9999 and plan.metric == "dice"
