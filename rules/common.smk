@@ -39,7 +39,6 @@ except WorkflowError:
 DATA_DIR = config["data_dir"]
 SPLITS_DIR = config["splits_dir"]
 RUN_DIR = "results/runs/{dataset}/{method}/r{ratio}/seed{seed}"
-TABLES = ["results/tables/table1.csv", "results/tables/table1.md"]
 
 
 wildcard_constraints:
@@ -112,3 +111,21 @@ def run_config_json(wildcards):
 
 def threads_for(step, default):
     return int((config.get("threads") or {}).get(step, default))
+
+
+# -- report (rules/report.smk)
+
+def report_config_json(wildcards=None):
+    """What the report steps see: the two tables' cells and the report options (changing a
+    training option does not rerun them; the runs' files do)."""
+    keys = ("data_dir", "grid", "ablation", "report")
+    return json.dumps({k: config.get(k) for k in keys if k in config}, sort_keys=True)
+
+
+def all_per_image():
+    return [f.replace("metrics.json", "per_image.csv") for f in all_metrics()]
+
+
+def grid_manifests():
+    datasets = dict.fromkeys(d for d, _, _, _ in RUNS)
+    return [f"{DATA_DIR}/prepared/{d}/manifest.json" for d in datasets]

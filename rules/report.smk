@@ -13,22 +13,6 @@ REPORT_TARGETS = TABLES + STATS + FIGURE_FILES + (
 )
 
 
-def report_config_json(wildcards=None):
-    """What the report steps see: the two tables' cells and the report options (changing a
-    training option does not rerun them; the runs' files do)."""
-    keys = ("data_dir", "grid", "ablation", "report")
-    return json.dumps({k: config.get(k) for k in keys if k in config}, sort_keys=True)
-
-
-def all_per_image():
-    return [f.replace("metrics.json", "per_image.csv") for f in all_metrics()]
-
-
-def grid_manifests():
-    datasets = dict.fromkeys(d for d, _, _, _ in RUNS)
-    return [f"{DATA_DIR}/prepared/{d}/manifest.json" for d in datasets]
-
-
 localrules:
     stats,
     tables,
