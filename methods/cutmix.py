@@ -49,7 +49,7 @@ import torch
 
 from semibench.errors import ConfigError, TrainingError
 from semibench.losses import box_masks, mix, supervised_loss
-from semibench.method import Batch, Method, MethodContext, StepInfo
+from semibench.method import Batch, Method, MethodContext, StepInfo, ema_teacher_from_hparams
 from semibench.registry import register_method
 
 
@@ -94,8 +94,7 @@ class CutMix(Method):
         super().__init__()
         self.hp = hp = hp if hp is not None else self.Hparams()
         self.student = ctx.build_segmenter()
-        self.teacher = ctx.ema_of(self.student, alpha=hp.ema_alpha, warmup=hp.ema_warmup,
-                                  average_buffers=hp.teacher_average_buffers, mode=hp.teacher_mode)
+        self.teacher = ema_teacher_from_hparams(ctx, self.student, hp)
         ctx.add_optimizer(self.student.parameters())
 
     def pair(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

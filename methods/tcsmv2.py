@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from semibench.data import IMAGENET_STD
 from semibench.errors import ConfigError, TrainingError
 from semibench.losses import flip_rot, flip_rot_inverse, sample_flip_rot, softmax_mse, supervised_loss
-from semibench.method import Batch, Method, MethodContext, StepInfo
+from semibench.method import Batch, Method, MethodContext, StepInfo, ema_teacher_from_hparams
 from semibench.registry import register_method
 from semibench.schedules import gaussian_rampup
 
@@ -175,8 +175,7 @@ class TCSMv2(Method):
         super().__init__()
         self.hp = hp = hp if hp is not None else self.Hparams()
         self.student = ctx.build_segmenter()
-        self.teacher = ctx.ema_of(self.student, alpha=hp.ema_alpha, warmup=hp.ema_warmup,
-                                  average_buffers=hp.teacher_average_buffers, mode=hp.teacher_mode)
+        self.teacher = ema_teacher_from_hparams(ctx, self.student, hp)
         ctx.add_optimizer(self.student.parameters())
 
     def consistency_weight(self, step: StepInfo) -> float:

@@ -200,3 +200,11 @@ def check_method_class(method_cls: type, view_kinds) -> None:
         raise ConfigError(f"method {name!r} declares unlabeled_batches={n!r}; it must be an integer >= 1")
     if views is None and n != 1:
         raise ConfigError(f"method {name!r} declares unlabeled_batches={n} but no unlabeled_views")
+
+
+def ema_teacher_from_hparams(ctx: MethodContext, student: nn.Module, hp: Any) -> nn.Module:
+    """The EMA teacher of ``student`` with the settings a method keeps in its hyperparameters
+    (``ema_alpha``, ``ema_warmup``, ``teacher_average_buffers``, ``teacher_mode``), for methods
+    whose original code fixes its own teacher (TCSMv2, CutMix)."""
+    return ctx.ema_of(student, alpha=hp.ema_alpha, warmup=hp.ema_warmup,
+                      average_buffers=hp.teacher_average_buffers, mode=hp.teacher_mode)
