@@ -8,7 +8,8 @@
   the labeled batch.
   L_u = (1/K) Σ_k mean_{B,C,H,W} (softmax(ŷ_k) − softmax(sg(ŷ)))², ŷ the main head's logits on
   the unlabeled features, ŷ_k the k-th aux head's. w_u(t) = weight_u · exp(−5 (1 − t/T)²),
-  t the iteration, T = rampup × all iterations. Before the configured start epoch
+  t the iterations since the unsupervised losses started, T = rampup × the iterations from
+  there to the end (``StepInfo.unsup_rampup``). Before the configured start epoch
   (``step.unsup_active`` False) only L_sup is computed.
 - Gradient routing as the official code (confirmed in yassouali/CCT#43): the main head is
   trained by L_sup only (its unlabeled prediction enters L_u detached), the aux heads by L_u only
@@ -60,8 +61,12 @@ Decisions ([D] of ../shared/design/competitors.md §4 and §7):
   so ``train.ema_alpha`` does not apply.
 - §0.1 / §7.16, classifier dropout: decided in semibench/model.py (gated by train/eval); the aux
   heads inherit it, and the evaluated student predicts without it.
-- Ramp-up over 10 % of all *iterations*; the official code rounds to whole epochs
-  (int(0.1·epochs) epochs), which differs only by a fraction of an epoch.
+- Ramp-up over 10 % of the *iterations* that train L_u, from the engine's start epoch on: the
+  official code trains L_u from iteration 0, so there the ramp starts with it. Counted from
+  iteration 0 it would be spent behind our start gate and w_u would jump from 0 to 30 (measured
+  at 192², 1/32, start epoch 2 of 12: validation Dice fell from 0.73 to 0.55 in two epochs).
+  The official code rounds to whole epochs (int(0.1·epochs) epochs), a fraction of an epoch's
+  difference.
 - C3 (pair-wise loss, off and never trained in the official code) and confidence masking (off
   by default) are not implemented.
 """
@@ -82,7 +87,6 @@ from semibench.method import Batch, Method, MethodContext, StepInfo
 from semibench.methods import _cct_perturbations as P
 from semibench.model import Classifier
 from semibench.registry import register_method
-from semibench.schedules import gaussian_rampup
 
 # aux head kinds in the official construction order (models/model.py CCT.__init__)
 KINDS = ("vat", "drop", "cutout", "context_masking", "object_masking", "feature_drop", "feature_noise")
@@ -92,7 +96,7 @@ GUIDED = {"cutout", "context_masking", "object_masking"}
 @dataclass
 class CCTHparams:
     weight_u: float = 30.0  # config.json "unsupervised_w"
-    rampup: float = 0.1  # config.json "ramp_up": sigmoid ramp over this fraction of training
+    rampup: float = 0.1  # config.json "ramp_up": sigmoid ramp over this fraction of the L_u iterations
     # aux head counts, config.json "model" section (K = 30)
     vat: int = 2
     drop: int = 6
@@ -182,7 +186,7 @@ class CCT(Method):
         ctx.add_optimizer([*self.student.parameters(), *self.aux_heads.parameters()])
 
     def unsup_weight(self, step: StepInfo) -> float:
-        return self.hp.weight_u * gaussian_rampup(step.iteration, self.hp.rampup * step.iterations)
+        return self.hp.weight_u * step.unsup_rampup(self.hp.rampup)
 
     def perturb(self, kind: str, head: nn.Module, features: torch.Tensor, target: torch.Tensor,
                 boxes) -> torch.Tensor:

@@ -11,8 +11,8 @@ unlabeled, one ``"single"`` view); a flaw detector F (:class:`FlawDetector`, ima
    prediction of the model whose flaw is lower, and fc_mask marks pixels flawed in both;
 1. each task model with F frozen: L_task (CE on the labeled part) + λ_fc·L_fc (mean of
    fc_mask · F(x, p_k)², gradient through F's input into f_k) + r(t)·λ_dc·L_dc (MSE of p_k to its
-   target, mean over B·C·H·W), r(t) = exp(−5(1 − t/T)²) over the first ``dc_rampup`` of all
-   iterations;
+   target, mean over B·C·H·W), r(t) = exp(−5(1 − t/T)²) over the first ``dc_rampup`` of the
+   iterations that train L_dc (``StepInfo.unsup_rampup``);
 2. F on its flaw target (:func:`flaw_target`: μ·Σ_c|onehot(y) − p|, blur, ν × (max-pool 3×3,
    blur), per-sample min-max), labeled part only, weight λ_fd, averaged over the two models.
 
@@ -49,8 +49,10 @@ Decisions ([D] in competitors.md), with the reasons:
   as for every method (the official SGD lr 2.5e-4 is the VOC/PSPNet recipe, not GCT's);
   the two task models are two independently initialised DenseUNets (officially they differ
   only in the randomly initialised layers, the backbone being pretrained).
-- Ramp-up: ``dc_rampup`` = 5/45 of all iterations (5 of 45 epochs in the PSPNet/VOC script),
-  counted from iteration 0 like the official per-iteration ramp.
+- Ramp-up: ``dc_rampup`` = 5/45 of the iterations from the engine's start epoch on (5 of 45
+  epochs in the PSPNet/VOC script), counted from that start: the official ramp starts with
+  L_dc at iteration 0; counted from iteration 0 behind our start gate, λ_dc·r(t) would jump from
+  0 to 100 at the gate.
 - Before ``unsup_start_epoch`` (the engine's gate for unsupervised terms, every method obeys
   it) the batch is the labeled part only and L_dc = L_fc = 0; F is trained from the start (its
   target is supervised).
@@ -71,7 +73,6 @@ from semibench.errors import ConfigError, TrainingError
 from semibench.losses import cross_entropy
 from semibench.method import Batch, Method, MethodContext, StepInfo
 from semibench.registry import register_method
-from semibench.schedules import gaussian_rampup
 
 
 @dataclass
@@ -81,7 +82,7 @@ class GCTHparams:
     lambda_fc: float = 1.0  # fc_ssl_scale
     lambda_dc: float = 100.0  # dc_ssl_scale
     dc_threshold: float = 0.6  # ξ
-    dc_rampup: float = 5 / 45  # fraction of all iterations (5 of 45 epochs)
+    dc_rampup: float = 5 / 45  # fraction of the unsupervised iterations (5 of 45 epochs)
     lambda_fd: float = 10.0  # fd_scale of the scripts
     fd_lr: float = 1e-4
     fd_betas: tuple[float, float] = (0.9, 0.99)
@@ -227,6 +228,10 @@ class GCT(Method):
     def extra_validation_models(self) -> dict[str, nn.Module]:
         return {"task_l": self.task_l, "task_r": self.task_r}
 
+    def dc_weight(self, step: StepInfo) -> float:
+        """λ_dc · r(t), the ramped weight of L_dc."""
+        return self.hp.lambda_dc * step.unsup_rampup(self.hp.dc_rampup)
+
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
         hp = self.hp
         n_lab = batch.labeled_image.shape[0]
@@ -256,7 +261,7 @@ class GCT(Method):
             L_fc_r = (fc_mask * m_r ** 2).mean()
             L_dc_l = F.mse_loss(p_l, t_l)
             L_dc_r = F.mse_loss(p_r, t_r)
-            w_dc = hp.lambda_dc * gaussian_rampup(step.iteration, hp.dc_rampup * step.iterations)
+            w_dc = self.dc_weight(step)
         g_l = flaw_target(p_l.detach()[:n_lab], batch.labeled_mask, hp)
         g_r = flaw_target(p_r.detach()[:n_lab], batch.labeled_mask, hp)
         L_fd = hp.lambda_fd * (F.mse_loss(m_l[:n_lab], g_l) + F.mse_loss(m_r[:n_lab], g_r)) / 2

@@ -5,7 +5,9 @@
   differ only in their losses). The engine updates the teacher by EMA (α from the train config).
 - L = L_sup + w(t) · L_cons, L_cons = mean over pixels, classes and images of
   (softmax(student) − softmax(teacher))², on the unlabeled images only (as SSL4MIS), and
-  w(t) = consistency · exp(−5 (1 − t/T)²) with t the iteration and T = rampup × all iterations.
+  w(t) = consistency · exp(−5 (1 − t/T)²) with t the iterations since the unsupervised losses
+  started and T = rampup × the iterations from there to the end (``StepInfo.unsup_rampup``;
+  SSL4MIS starts its consistency at iteration 0 and ramps over the whole run).
 - Before the configured start epoch (``step.unsup_active`` False) only L_sup is computed.
 
 Defaults from SSL4MIS ``code/train_mean_teacher_2D.py`` (HiLab-git/SSL4MIS, Luo et al.), the
@@ -24,13 +26,12 @@ from semibench.errors import ConfigError, TrainingError
 from semibench.losses import softmax_mse, supervised_loss
 from semibench.method import Batch, Method, MethodContext, StepInfo
 from semibench.registry import register_method
-from semibench.schedules import gaussian_rampup
 
 
 @dataclass
 class MeanTeacherHparams:
     consistency: float = 0.1  # final weight of L_cons (SSL4MIS --consistency)
-    rampup: float = 1.0  # ramp-up length as a fraction of all iterations (SSL4MIS: the whole run)
+    rampup: float = 1.0  # ramp-up length / the unsupervised iterations (SSL4MIS: the whole run)
 
     def __post_init__(self):
         if self.consistency < 0 or self.rampup < 0:
@@ -51,7 +52,7 @@ class MeanTeacher(Method):
         ctx.add_optimizer(self.student.parameters())
 
     def consistency_weight(self, step: StepInfo) -> float:
-        return self.hp.consistency * gaussian_rampup(step.iteration, self.hp.rampup * step.iterations)
+        return self.hp.consistency * step.unsup_rampup(self.hp.rampup)
 
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
         L_sup = supervised_loss(self.student, batch)

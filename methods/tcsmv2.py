@@ -11,7 +11,9 @@ Per step, on one unlabeled batch (the engine's ``"single"`` view: one augmented 
   the pixels the teacher saw (after a zoom-in, the border ring is invalid);
 - L_u = mean over B, C, H, W of (softmax(student) − softmax(T⁻¹ teacher))² on the valid pixels
   (``semibench.losses.softmax_mse``); L = L_sup + λ(t)·L_u with
-  λ(t) = consistency · exp(−5 (1 − t/R)²), t the iteration, R = 75 % of all iterations.
+  λ(t) = consistency · exp(−5 (1 − t/R)²), t the iterations since the unsupervised losses
+  started, R = 75 % of the iterations from there on (``StepInfo.unsup_rampup``; the release
+  starts its consistency at iteration 0).
 
 Defaults from the official code (``xmengli999/TCSM`` ``train_tcsm_mean.py``, its
 ``scripts_skin/train_50tcsm.sh`` and ``lib.py``; see ../shared/design/competitors.md §1):
@@ -64,13 +66,12 @@ from semibench.errors import ConfigError, TrainingError
 from semibench.losses import flip_rot, flip_rot_inverse, sample_flip_rot, softmax_mse, supervised_loss
 from semibench.method import Batch, Method, MethodContext, StepInfo, ema_teacher_from_hparams
 from semibench.registry import register_method
-from semibench.schedules import gaussian_rampup
 
 
 @dataclass
 class TCSMv2Hparams:
     consistency: float = 1.0  # λ_max (train_50tcsm.sh --consistency 1.0)
-    rampup: float = 0.75  # sigmoid ramp-up length / all iterations (600 of 800 "epochs")
+    rampup: float = 0.75  # sigmoid ramp-up length / the unsupervised iterations (600 of 800 "epochs")
     ema_alpha: float = 0.999  # argparse default, not overridden by the script
     ema_warmup: bool = True  # α_t = min(1 − 1/(t+1), α) (utils.update_ema_variables)
     teacher_mode: str = "train"  # the release runs the teacher in train mode
@@ -179,7 +180,7 @@ class TCSMv2(Method):
         ctx.add_optimizer(self.student.parameters())
 
     def consistency_weight(self, step: StepInfo) -> float:
-        return self.hp.consistency * gaussian_rampup(step.iteration, self.hp.rampup * step.iterations)
+        return self.hp.consistency * step.unsup_rampup(self.hp.rampup)
 
     def sample_transform(self, x: torch.Tensor) -> Transform:
         flip, k = sample_flip_rot(len(x), device=x.device)

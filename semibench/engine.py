@@ -424,7 +424,8 @@ class Trainer:
         self.lr = self.set_lr(iteration)
         batch = self.make_batch(epoch, it)
         info = StepInfo(epoch=epoch, epochs=t.epochs, iteration=iteration, iterations=self.total,
-                        unsup_active=epoch >= t.unsup_start_epoch)
+                        unsup_active=epoch >= t.unsup_start_epoch,
+                        unsup_start_iteration=t.unsup_start_epoch * self.iterations)
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
         with autocast:
             losses = self.method.training_step(batch, info)

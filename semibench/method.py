@@ -42,6 +42,10 @@ How the planned methods fit:
   workflow's per-job params, under ``method_params.<method>``. Editing a default in a method
   file therefore re-runs exactly that method's jobs, and a resume across the edit is refused
   naming the key (``method_params.<method>.<key>``).
+- ramp-ups of unsupervised weights: ``step.unsup_rampup(fraction)`` starts the Gaussian ramp
+  where the engine starts the unsupervised losses (``train.unsup_start_epoch``), over
+  ``fraction`` of the remaining iterations (Mean Teacher, TCSMv2, CCT, GCT). CDCL's w_cons grows
+  with the epoch over the whole run, as its paper says (``step.progress``).
 - several validated networks (GCT's two task models): :meth:`Method.extra_validation_models`
   names the networks besides :meth:`Method.inference_model` whose validation Dice the engine
   also logs (``val_dice/<name>`` in the ``"epoch"`` lines of ``train.jsonl``); model selection
@@ -82,6 +86,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .schedules import gaussian_rampup
 
 
 @dataclass
@@ -108,11 +113,22 @@ class StepInfo:
     iteration: int  # global, 0-based
     iterations: int  # total over the run
     unsup_active: bool  # False before the configured start epoch of unsupervised losses
+    unsup_start_iteration: int = 0  # the first iteration with unsup_active (train.unsup_start_epoch)
 
     @property
     def progress(self) -> float:
         """Fraction of the epochs done, in [0, 1], for epoch-wise ramp-ups."""
         return self.epoch / max(1, self.epochs - 1) if self.epochs > 1 else 1.0
+
+    def unsup_rampup(self, fraction: float) -> float:
+        """The Gaussian ramp-up exp(−5(1 − t/T)²) of an unsupervised weight, started where the
+        unsupervised losses start: t = iterations since ``unsup_start_iteration``, T = ``fraction``
+        of the iterations from there to the end. The originals start their unsupervised term at
+        iteration 0, so their "ramp over x % of training" is this; a ramp counted from iteration 0
+        would be partly or wholly spent behind the engine's start gate, and the weight would jump
+        there (CCT's 30 after 10 %, GCT's 100 after 5/45)."""
+        span = max(0, self.iterations - self.unsup_start_iteration)
+        return gaussian_rampup(self.iteration - self.unsup_start_iteration, fraction * span)
 
 
 class MethodContext:
