@@ -56,6 +56,14 @@ Decisions ([D] in competitors.md), with the reasons:
 - Before ``unsup_start_epoch`` (the engine's gate for unsupervised terms, every method obeys
   it) the batch is the labeled part only and L_dc = L_fc = 0; F is trained from the start (its
   target is supervised).
+- λ_dc stays at the official 100, measured against: L_dc is an MSE averaged over B·C·H·W, so its
+  per-pixel pull against L_task scales with 1/C, and 100 was set for VOC's C = 21. At C = 2 it
+  weighs the pull between the two models ~10× more than there (2λ/(B·C) = 6.25 against
+  L_task's 1/B_labeled = 0.125 per pixel; VOC: 2.4 against 0.5). On DSB at 192², 1/32, random
+  init, both task models collapsed once it reached 100 (validation Dice 0.78 → 0.09, seed 0),
+  and did so with λ_fc = 0 too; λ_dc = 100·2/21 ≈ 9.5 (``method_params.gct.lambda_dc``), the
+  official per-pixel balance, lifted the weaker model instead (0.35 → 0.79, seed 1).
+  docs/results-cpu-dsb.md has the runs.
 - F's width: ``fd_channels`` = 64 as the official stack (64-128-256-512); it needs inputs of
   at least 64² (seven k4 convolutions, four with stride 2, then the k4 s2 classifier).
 """
