@@ -59,6 +59,12 @@ Decisions ([D] of ../shared/design/competitors.md §4 and §7):
   method (a fair comparison on one engine); CCT's loss-specific values are kept (weight 30) and
   its ramp-up is rescaled to the run as the same fraction (10 %). No EMA teacher (CCT has none),
   so ``train.ema_alpha`` does not apply.
+- weight_u stays at the official 30, measured against: L_u is a softmax-MSE averaged over the C
+  class channels, so its per-pixel pull against the cross-entropy scales with 1/C, and 30 was
+  set for VOC's C = 21. On DSB at 192², 1/32, random init, validation Dice fell 0.73 → 0.48 as
+  w_u reached 30 and test DC ended 0.055 below SupOnly (seed 0); w_u = 30·2/21 ≈ 2.86
+  (``method_params.cct.weight_u``), the official per-pixel balance, kept it rising and scored
+  +0.050 over w_u = 30 on that seed. docs/results-cpu-dsb.md has the runs.
 - §0.1 / §7.16, classifier dropout: decided in semibench/model.py (gated by train/eval); the aux
   heads inherit it, and the evaluated student predicts without it.
 - Ramp-up over 10 % of the *iterations* that train L_u, from the engine's start epoch on: the
