@@ -62,8 +62,9 @@ Decisions ([D] in competitors.md), with the reasons:
   L_task's 1/B_labeled = 0.125 per pixel; VOC: 2.4 against 0.5). On DSB at 192², 1/32, random
   init, both task models collapsed once it reached 100 (validation Dice 0.78 → 0.09, seed 0),
   and did so with λ_fc = 0 too; λ_dc = 100·2/21 ≈ 9.5 (``method_params.gct.lambda_dc``), the
-  official per-pixel balance, lifted the weaker model instead (0.35 → 0.79, seed 1).
-  docs/results-cpu-dsb.md has the runs.
+  official per-pixel balance, lifted the weaker model instead (0.35 → 0.79, seed 1). Run to
+  the end, test DC went from 0.7503 / 0.7027 (λ_dc 100) to 0.8389 / 0.8355 (seeds 0 / 1),
+  level with SupOnly. docs/results-cpu-dsb.md has the runs.
 - F's width: ``fd_channels`` = 64 as the official stack (64-128-256-512); it needs inputs of
   at least 64² (seven k4 convolutions, four with stride 2, then the k4 s2 classifier).
 """
