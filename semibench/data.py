@@ -47,11 +47,12 @@ def load_split(splits_dir: str | Path, dataset: str, seed: int) -> dict:
 
 
 def labeled_ids(split: dict, ratio: int) -> list[str]:
-    key = str(ratio)
-    if key not in split["labeled"]:
-        raise ConfigError(f"unknown label ratio 1/{ratio}; known: "
-                          + ", ".join(f"1/{k}" for k in sorted(split["labeled"], key=int)))
-    return list(split["labeled"][key])
+    """The labeled ids of 1/``ratio`` (stored in the split file, or derived nested in it:
+    :func:`semibench.splits.labeled_subset`)."""
+    from .splits import labeled_subset
+    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+        raise ConfigError(f"label ratio must be an integer k >= 1 (1/k labeled), got {ratio!r}")
+    return labeled_subset(split, ratio)
 
 
 # ---------------------------------------------------------------------------- training data

@@ -3,7 +3,7 @@
 Written to ``results/splits/<dataset>/seed<S>.json`` as::
 
     {"dataset", "seed", "train": [ids], "val": [ids], "test": [ids],
-     "labeled": {"32": [...], "16": [...], "8": [...], "1": [...]}}
+     "labeled": {"128": [...], "64": [...], "32": [...], "16": [...], "8": [...], "1": [...]}}
 
 Rules (data-layer issue, section 3):
 
@@ -13,7 +13,11 @@ Rules (data-layer issue, section 3):
   test = the rest. Official policy (MoNuSeg): the publisher's ``test`` subset is the test set;
   n_val = round(val·n) of the n training images go to val, the rest to train.
 - ``labeled[k]`` = max(1, round(n_train / k)) train samples; nested, because every ratio takes a
-  prefix of one ordering: labeled[32] ⊂ labeled[16] ⊂ labeled[8] ⊂ labeled[1] = train.
+  prefix of one ordering (the *labeled order*, :func:`labeled_order`): labeled[128] ⊂ labeled[64]
+  ⊂ labeled[32] ⊂ labeled[16] ⊂ labeled[8] ⊂ labeled[1] = train. The file stores the ratios of
+  :data:`LABEL_RATIOS`; any other k is the same prefix of the same order (:func:`labeled_subset`),
+  so a ratio a user adds is nested with the stored ones without a new file. 1/64 and 1/128 came
+  after 1/32-1/8: adding them left every earlier subset byte for byte as it was.
 - round() rounds half up (exact fractions, not floats, not banker's rounding).
 - Randomness: items are ordered by sha256(f"{dataset}:{seed}:{salt}:{id}") (salt ``split`` for
   images, ``labeled`` for samples), ties by id. No hash(), no set order, no RNG whose stream
@@ -36,7 +40,9 @@ from .errors import DataError
 from .obtain import SampleRef
 from .prepared import PreparedDataset
 
-LABEL_RATIOS = (32, 16, 8, 1)
+# The paper's 1/32, 1/16, 1/8 and all; 1/64 and 1/128 for regimes with more headroom for
+# unlabeled data (stored in the shipped files; any other k is derived, see labeled_subset).
+LABEL_RATIOS = (128, 64, 32, 16, 8, 1)
 
 
 @dataclass(frozen=True)
@@ -88,11 +94,42 @@ def make_split(dataset: str, seed: int, refs: Sequence, policy: SplitPolicy,
         raise DataError(f"{dataset}: {n} training images are too few to split")
     parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": test_images}
     ids = {k: sorted(s for img in imgs for s in samples_of[img]) for k, imgs in parts.items()}
-    ranked = _shuffled(dataset, seed, "labeled", ids["train"])
-    labeled = {str(k): sorted(ranked[:max(1, round_half_up(Fraction(len(ranked), k)))])
-               for k in ratios}
+    ranked = labeled_order(dataset, seed, ids["train"])
+    labeled = {str(k): labeled_prefix(ranked, k) for k in sorted(set(ratios), reverse=True)}
     return {"dataset": dataset, "seed": int(seed), "train": ids["train"], "val": ids["val"],
             "test": ids["test"], "labeled": labeled}
+
+
+def labeled_order(dataset: str, seed: int, train_ids: Iterable[str]) -> list[str]:
+    """The order whose prefixes are the labeled subsets: sha256 rule with salt ``labeled``."""
+    return _shuffled(dataset, seed, "labeled", train_ids)
+
+
+def labeled_count(n_train: int, k: int) -> int:
+    """max(1, round(n_train / k)) with round half up."""
+    if k < 1:
+        raise DataError(f"label ratio 1/{k}: k must be an integer >= 1")
+    return max(1, round_half_up(Fraction(n_train, k)))
+
+
+def labeled_prefix(ranked: Sequence[str], k: int) -> list[str]:
+    return sorted(ranked[:labeled_count(len(ranked), k)])
+
+
+def labeled_subset(split: dict, k: int) -> list[str]:
+    """The labeled ids of 1/k: the stored ``labeled[k]`` when the file has it, else the prefix
+    of the labeled order, after checking that the stored subsets are prefixes of that order
+    (a hand-made split file that follows another rule is refused rather than mixed with ours)."""
+    stored = split.get("labeled") or {}
+    if str(k) in stored:
+        return list(stored[str(k)])
+    ranked = labeled_order(split["dataset"], int(split["seed"]), split["train"])
+    for key, ids in stored.items():
+        if sorted(ids) != labeled_prefix(ranked, int(key)):
+            raise DataError(f"split of {split['dataset']} seed {split['seed']} has no labeled subset "
+                            f"for 1/{k}, and its stored subset 1/{key} does not follow the split rule, "
+                            f"so 1/{k} cannot be derived nested in it; add labeled[\"{k}\"] to the file")
+    return labeled_prefix(ranked, k)
 
 
 def split_to_json(split: dict) -> str:

@@ -63,8 +63,8 @@ def test_unknown_method_dataset_ratio_are_one_line_and_exit_2(capsys, tmp_path):
     assert error_line(capsys) == f"unknown method 'nope'; known: {', '.join(METHODS.names())}"
     assert cli.main(with_("--dataset", "kaggle")) == 2
     assert error_line(capsys) == f"unknown dataset 'kaggle'; known: {', '.join(DATASETS.names())}"
-    assert cli.main(with_("--ratio", "5")) == 2
-    assert error_line(capsys) == "unknown label ratio 5; known: 32, 16, 8, 1 (k means 1/k labeled)"
+    assert cli.main(with_("--ratio", "0")) == 2
+    assert error_line(capsys) == "label ratio must be an integer k >= 1 (1/k labeled), got 0"
     assert cli.main(with_("--method", "fullsup")) == 2
     assert error_line(capsys) == "method 'fullsup' trains at ratio 1 only, not 8"
     assert cli.main(["prepare", "--dataset", "kaggle", "--data-dir", str(tmp_path)]) == 2

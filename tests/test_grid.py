@@ -62,8 +62,8 @@ def test_run_dir_layout():
      "unknown method(s) 'nosuch' in config grid.methods; known: cac, cct, cdcl, "),
     ("ablation", "datasets", ["mnist", "dsb2018", "cifar"],
      "unknown dataset(s) 'mnist', 'cifar' in config ablation.datasets; known: dsb2018, monuseg, synthetic"),
-    ("grid", "ratios", [8, 3, 64],
-     "unknown label ratio(s) 3, 64 in config grid.ratios; known: 32, 16, 8, 1 (k means 1/k labeled)"),
+    ("grid", "ratios", [8, 0, 64, -2],
+     "label ratio(s) 0, -2 in config grid.ratios are not integers k >= 1 (k means 1/k labeled)"),
 ])
 def test_unknown_names_give_the_workflows_one_line_errors(section, key, value, message):
     cfg = {s: {"datasets": ["dsb2018"], "methods": ["cdcl"], "ratios": [32], "seeds": [0]}

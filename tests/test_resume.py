@@ -77,8 +77,11 @@ def test_training_data_from_split(toy_root):  # noqa: F811
     assert data.val.masks.shape == (4, 32, 32) and set(data.val.masks.unique().tolist()) == {0, 1}
     only_lab = load_train_data(toy_root / "data", toy_root / "splits", "toy", 0, 2, 32, with_unlabeled=False)
     assert len(only_lab.unlabeled) == 0 and only_lab.unlabeled_ids == unlab
-    with pytest.raises(ConfigError, match="unknown label ratio 1/3"):
+    # a hand-made split (not the sha256 rule): 1/3 cannot be derived nested in its subsets
+    with pytest.raises(DataError, match=r"no labeled subset for 1/3, and its stored subset 1/4 does not follow"):
         load_train_data(toy_root / "data", toy_root / "splits", "toy", 0, 3, 32)
+    with pytest.raises(ConfigError, match="label ratio must be an integer k >= 1"):
+        load_train_data(toy_root / "data", toy_root / "splits", "toy", 0, 0, 32)
     with pytest.raises(DataError, match="seed9.json not found"):
         load_train_data(toy_root / "data", toy_root / "splits", "toy", 9, 2, 32)
 

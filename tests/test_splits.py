@@ -9,8 +9,9 @@ import pytest
 from semibench.errors import ConfigError, DataError
 from semibench.obtain import SampleRef, prepare
 from semibench.registry import DATASETS
-from semibench.splits import (LABEL_RATIOS, SplitPolicy, make_split, round_half_up, split_to_json,
-                              write_split, write_split_file)
+from semibench.data import labeled_ids
+from semibench.splits import (LABEL_RATIOS, SplitPolicy, labeled_subset, make_split, round_half_up,
+                              split_to_json, write_split, write_split_file)
 from semibench.tiling import tile_id
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,10 +41,10 @@ def check_contract(split, n_train, n_val, n_test, labeled):
     train, val, test = set(split["train"]), set(split["val"]), set(split["test"])
     assert (len(train), len(val), len(test)) == (n_train, n_val, n_test)
     assert not (train & val or train & test or val & test)
-    assert list(split["labeled"]) == ["32", "16", "8", "1"]
+    assert list(split["labeled"]) == ["128", "64", "32", "16", "8", "1"]
     assert [len(split["labeled"][k]) for k in split["labeled"]] == labeled
     previous = set()
-    for k in ("32", "16", "8", "1"):
+    for k in ("128", "64", "32", "16", "8", "1"):
         current = set(split["labeled"][k])
         assert previous <= current <= train
         previous = current
@@ -54,14 +55,15 @@ def check_contract(split, n_train, n_val, n_test, labeled):
 
 def test_dsb_sizes_disjoint_nested():
     split = make_split("dsb2018", 0, dsb_like(), FRACTIONS)
-    check_contract(split, 469, 67, 134, [15, 29, 59, 469])
+    # max(1, round(469/k)): 3.66 -> 4, 7.33 -> 7, 14.66 -> 15, 29.31 -> 29, 58.6 -> 59
+    check_contract(split, 469, 67, 134, [4, 7, 15, 29, 59, 469])
     assert set(split["train"]) | set(split["val"]) | set(split["test"]) == {r.id for r in dsb_like()}
 
 
 def test_monuseg_whole_images_and_official_test():
     refs = monuseg_like()
     split = make_split("monuseg", 1, refs, OFFICIAL)
-    check_contract(split, 384, 96, 224, [12, 24, 48, 384])
+    check_contract(split, 384, 96, 224, [3, 6, 12, 24, 48, 384])
     image_of = {r.id: r.image for r in refs}
     train_images = {image_of[i] for i in split["train"]}
     val_images = {image_of[i] for i in split["val"]}
@@ -121,7 +123,7 @@ def test_write_split_from_prepared_manifest(tmp_path):
     recipe = DATASETS.get("synthetic")(cfg)
     expected = split_to_json(make_split("synthetic", 4, recipe.index({}), recipe.split_policy))
     assert out.read_text() == expected
-    check_contract(json.loads(expected), 7, 1, 2, [1, 1, 1, 7])
+    check_contract(json.loads(expected), 7, 1, 2, [1, 1, 1, 1, 1, 7])
 
 
 def test_write_split_needs_prepared_data_and_a_known_dataset(tmp_path):
@@ -132,8 +134,8 @@ def test_write_split_needs_prepared_data_and_a_known_dataset(tmp_path):
 
 
 @pytest.mark.parametrize("dataset,sizes", [
-    ("dsb2018", (469, 67, 134, [15, 29, 59, 469])),
-    ("monuseg", (384, 96, 224, [12, 24, 48, 384])),
+    ("dsb2018", (469, 67, 134, [4, 7, 15, 29, 59, 469])),
+    ("monuseg", (384, 96, 224, [3, 6, 12, 24, 48, 384])),
 ])
 def test_shipped_split_files_meet_the_contract(dataset, sizes):
     trains = []
@@ -145,4 +147,62 @@ def test_shipped_split_files_meet_the_contract(dataset, sizes):
         assert path.read_text() == split_to_json(split)  # the fixed format
         trains.append(split["train"])
     assert trains[0] != trains[1] != trains[2]
-    assert LABEL_RATIOS == (32, 16, 8, 1)
+    assert LABEL_RATIOS == (128, 64, 32, 16, 8, 1)
+
+
+# sha256 of json.dumps({train, val, test, labeled/32, labeled/16, labeled/8, labeled/1},
+# sort_keys=True) of every shipped file as it stood before 1/64 and 1/128 were added: those
+# subsets must never change (every published result rests on them), only new keys may appear.
+SHIPPED_BEFORE_1_64 = {
+    ("dsb2018", 0): "efdab5b3f7e2f2e6b9f434700c4f72d33892f49c26c8b1c9378239384c3f7912",
+    ("dsb2018", 1): "ed879c38b1581eb7ef6d66e56f4ba9394249da7359a4873fe26f10f1fa91ab31",
+    ("dsb2018", 2): "dcf616817672896f8c17c99831082fef84d42d1912df0998e2da1588e35338a2",
+    ("monuseg", 0): "b46872f4c49c7b5e320e4d0dd800c93def370c62de4d37560685abfd5cd55967",
+    ("monuseg", 1): "b6102f69681ccf7906f330d7236300add406c31f7101cca01b9a03952fd795f1",
+    ("monuseg", 2): "ca1e6c3324993b921aab334d65d00ed534df0e3cf36f4c3c66f7e5b0e3fc4a61",
+}
+
+
+@pytest.mark.parametrize("dataset, seed", sorted(SHIPPED_BEFORE_1_64))
+def test_shipped_subsets_of_the_paper_ratios_are_unchanged(dataset, seed):
+    split = json.loads((REPO / "results" / "splits" / dataset / f"seed{seed}.json").read_text())
+    parts = {k: split[k] for k in ("train", "val", "test")}
+    parts.update({f"labeled/{k}": split["labeled"][k] for k in ("32", "16", "8", "1")})
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    assert digest == SHIPPED_BEFORE_1_64[(dataset, seed)]
+
+
+@pytest.mark.parametrize("dataset", ["dsb2018", "monuseg"])
+def test_new_ratios_are_nested_prefixes_of_the_documented_order(dataset):
+    for seed in (0, 1, 2):
+        split = json.loads((REPO / "results" / "splits" / dataset / f"seed{seed}.json").read_text())
+        # the order restated independently: sha256("<ds>:<seed>:labeled:<id>")
+        ranked = sorted(split["train"], key=lambda i: (hashlib.sha256(
+            f"{dataset}:{seed}:labeled:{i}".encode()).hexdigest(), i))
+        n = len(ranked)
+        for k in ("128", "64", "32"):
+            count = max(1, int(Fraction(n, int(k)) + Fraction(1, 2)))
+            assert split["labeled"][k] == sorted(ranked[:count])
+        assert set(split["labeled"]["128"]) < set(split["labeled"]["64"]) < set(split["labeled"]["32"])
+
+
+def test_any_ratio_is_derived_nested_in_the_stored_ones():
+    split = make_split("dsb2018", 0, dsb_like(), FRACTIONS)
+    stored = {k: set(v) for k, v in split["labeled"].items()}
+    for k, n in ((256, 2), (96, 5), (48, 10), (4, 117), (2, 235)):  # round(469/k), half up
+        derived = labeled_ids(split, k)
+        assert len(derived) == n and derived == sorted(derived)
+        for key, ids in stored.items():  # nested with every stored subset, either way round
+            assert set(derived) <= ids if int(key) <= k else ids <= set(derived)
+    first = min(split["train"], key=lambda i: hashlib.sha256(f"dsb2018:0:labeled:{i}".encode()).hexdigest())
+    assert labeled_ids(split, 10_000) == [first]  # max(1, ...): the first of the order
+    # a stored key is read from the file, not recomputed
+    edited = dict(split, labeled=dict(split["labeled"], **{"8": ["x"]}))
+    assert labeled_subset(edited, 8) == ["x"]
+
+
+def test_a_ratio_is_not_derived_from_a_split_that_follows_another_rule():
+    split = make_split("dsb2018", 0, dsb_like(), FRACTIONS)
+    split["labeled"]["32"] = sorted(split["train"][-15:])  # a hand-picked subset
+    with pytest.raises(DataError, match=r"no labeled subset for 1/100, and its stored subset 1/32"):
+        labeled_ids(split, 100)
