@@ -20,7 +20,9 @@ the kind it wants in ``Method.unlabeled_views``:
 
 - ``"single"``: ``{"image"}``, the labeled pipeline's augmentation;
 - ``"weak_strong"``: ``{"weak", "strong"}``, the same geometric warp, ``strong`` adds photometric
-  changes: the two are pixel-aligned;
+  changes: the two are pixel-aligned; with the option ``strong_views=n`` also ``strong_2`` …
+  ``strong_n``, each its own draw of photometric changes of the same weak view (UniMatch's two
+  strong views), drawn after the first so that ``strong`` is the same for every n;
 - ``"two_crops"``: ``{"crop1", "crop2", "box1", "box2", "flip1", "flip2"}``, two overlapping
   square crops of one image (CAC's pair sampling, :func:`sample_crop_pair`): side
   :func:`two_crop_size`, no resizing, offset between the crops a multiple of the method's
@@ -270,13 +272,18 @@ def _single(images: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> d
     return {"image": normalise(x)}
 
 
-def _weak_strong(images: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig) -> dict[str, torch.Tensor]:
+def _weak_strong(images: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig, *,
+                 strong_views: int = 1) -> dict[str, torch.Tensor]:
+    if isinstance(strong_views, bool) or not isinstance(strong_views, int) or strong_views < 1:
+        raise ConfigError(f"weak_strong strong_views must be an integer >= 1, got {strong_views!r}")
     n = images.shape[0]
     theta = sample_affine(n, gen, cfg)
-    pp = sample_photometric(n, gen, cfg)
+    params = [sample_photometric(n, gen, cfg) for _ in range(strong_views)]
     weak = warp(to_float(images), theta)
-    strong = photometric(weak, pp, cfg)
-    return {"weak": normalise(weak), "strong": normalise(strong)}
+    views = {"weak": normalise(weak)}
+    for i, pp in enumerate(params, start=1):
+        views["strong" if i == 1 else f"strong_{i}"] = normalise(photometric(weak, pp, cfg))
+    return views
 
 
 def two_crop_size(size: int, cfg: AugmentConfig, stride: int = 1) -> int:

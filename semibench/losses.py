@@ -9,7 +9,12 @@ consistency term really compute the same thing.
 - :func:`flip_rot` / :func:`flip_rot_inverse`: a per-sample flip of the H axis then
   ``rot90`` by k quarter turns, and its exact inverse (TCSMv2), on any (B, ..., H, W) tensor;
 - :func:`box_masks`: CutMix rectangles, one box per sample of a fixed area fraction with a random
-  aspect ratio, fully inside the image.
+  aspect ratio, fully inside the image (CutMix-Seg);
+- :func:`cutmix_box_masks`: FixMatch's and UniMatch's CutMix box (present with probability p,
+  random area and aspect ratio), :func:`paste`: one batch pasted into another inside boxes;
+- weak-to-strong pseudo-labels (FixMatch, UniMatch): :func:`pseudo_labels` (argmax and
+  confidence), and the confident-pixel losses :func:`masked_cross_entropy` and
+  :func:`masked_soft_dice` (:data:`CONFIDENT_LOSSES`).
 
 Randomness comes from an optional ``torch.Generator`` (else the global RNG, which the engine
 re-seeds at every epoch, so a method's draws are reproducible and survive a resume).
@@ -117,3 +122,79 @@ def box_masks(batch: int, height: int, width: int, area: float = 0.5,
 def mix(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """CutMix: ``mask`` · b + (1 − mask) · a (the box takes image b)."""
     return mask * b + (1 - mask) * a
+
+
+CUTMIX_TRIES = 200  # box draws per sample; the first that fits is taken (rejection sampling)
+
+
+def cutmix_box_masks(batch: int, height: int, width: int, p: float = 0.5,
+                     area: tuple[float, float] = (0.02, 0.4), ratio: tuple[float, float] = (0.3, 1 / 0.3),
+                     generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(batch, 1, H, W) 0/1 masks of UniMatch's ``obtain_cutmix_box``: with probability ``p`` one
+    box, else none. The box covers s·H·W pixels, s ~ U(area); its aspect ratio r ~ U(ratio) gives
+    width ⌊√(s·H·W / r)⌋ and height ⌊√(s·H·W·r)⌋; its top-left corner is uniform over the
+    image, and (r, corner) are drawn again until the box fits inside. Here the redraws are a
+    fixed :data:`CUTMIX_TRIES` candidates per sample, the first that fits taken (the same
+    distribution; the random stream has a fixed length); in the rare case that none fits, the
+    last candidate is moved (and cut) to fit."""
+    n = CUTMIX_TRIES
+    present = torch.rand(batch, generator=generator, dtype=torch.float64) < p
+    s = area[0] + (area[1] - area[0]) * torch.rand(batch, 1, generator=generator, dtype=torch.float64)
+    r = ratio[0] + (ratio[1] - ratio[0]) * torch.rand(batch, n, generator=generator, dtype=torch.float64)
+    left = (torch.rand(batch, n, generator=generator, dtype=torch.float64) * width).long()
+    top = (torch.rand(batch, n, generator=generator, dtype=torch.float64) * height).long()
+    pixels = s * height * width
+    w = torch.sqrt(pixels / r).long()
+    h = torch.sqrt(pixels * r).long()
+    fits = (left + w <= width) & (top + h <= height)
+    pick = torch.where(fits.any(1), fits.long().argmax(1), n - 1)[:, None]
+    w, h = w.gather(1, pick)[:, 0].clamp(max=width), h.gather(1, pick)[:, 0].clamp(max=height)
+    left = torch.minimum(left.gather(1, pick)[:, 0], width - w)
+    top = torch.minimum(top.gather(1, pick)[:, 0], height - h)
+    rows = torch.arange(height)[None, :, None]
+    cols = torch.arange(width)[None, None, :]
+    t, l_, h, w = (v[:, None, None] for v in (top, left, h, w))
+    inside = (rows >= t) & (rows < t + h) & (cols >= l_) & (cols < l_ + w) & present[:, None, None]
+    return inside[:, None].to(device=device, dtype=dtype)
+
+
+def paste(box: torch.Tensor, into: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``source`` inside the box, ``into`` outside, for images (B, C, H, W) and per-pixel maps
+    (B, H, W) of any dtype; ``box`` is (B, 1, H, W) or (B, H, W), 0/1."""
+    inside = box.bool()
+    if into.dim() == 3 and inside.dim() == 4:
+        inside = inside[:, 0]
+    return torch.where(inside.to(into.device), source, into)
+
+
+@torch.no_grad()
+def pseudo_labels(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax class, max softmax probability) per pixel of (B, C, H, W) logits, float32, no
+    gradient."""
+    p = torch.softmax(logits.detach().float(), dim=1)
+    conf, label = p.max(dim=1)
+    return label, conf
+
+
+def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Σ over pixels of CE · keep, divided by the number of *all* pixels (B·H·W), not by the kept
+    ones: FixMatch's and UniMatch's normalisation, so few confident pixels give a small loss."""
+    ce = F.cross_entropy(logits.float(), target, reduction="none")
+    return (ce * keep.float()).sum() / target.numel()
+
+
+def masked_soft_dice(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor,
+                     smooth: float = 1e-5) -> torch.Tensor:
+    """UniMatch's medical variant: the mean over classes c of 1 − (2 Σ p_c t_c + ε) /
+    (Σ p_c² + Σ t_c² + ε), sums over the kept pixels of the whole batch, p = softmax(logits),
+    t one-hot, ε = 1e-5 (SSL4MIS ``DiceLoss`` with ``ignore``). No kept pixel gives 0."""
+    p = torch.softmax(logits.float(), dim=1)
+    t = F.one_hot(target, p.shape[1]).permute(0, 3, 1, 2).float()
+    k = keep.float()[:, None]
+    inter = (p * t * k).sum((0, 2, 3))
+    denom = (p * p * k).sum((0, 2, 3)) + (t * t * k).sum((0, 2, 3))
+    return (1 - (2 * inter + smooth) / (denom + smooth)).mean()
+
+
+CONFIDENT_LOSSES = {"ce": masked_cross_entropy, "dice": masked_soft_dice}

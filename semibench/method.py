@@ -27,15 +27,26 @@ How the planned methods fit:
   epoch, iteration, j), so runs and resumes stay reproducible. The img/s and the images counted
   in ``train_done.json`` include all n batches.
 - method-specific unlabeled views: the class attribute ``unlabeled_views`` names a view kind
-  built by ``semibench.augment`` (``"weak_strong"``: pixel-aligned weak and strong views;
+  built by ``semibench.augment`` (``"weak_strong"``: pixel-aligned weak and strong views, with
+  ``view_options = {"strong_views": n}`` n independent strong views ``strong``, ``strong_2``, …;
   ``"single"``; ``"two_crops"``: two overlapping crops, their flips and overlap boxes).
   ``view_options`` passes keyword options to the view kind (CAC: ``{"stride": 8, "iou": (0.1,
   1.0)}``: crop offsets and overlap boxes on the projector's 1/8 grid). Geometric
   transforms that must be inverted (TCSMv2) are applied by the method on tensors. The engine
   checks ``unlabeled_views`` and ``unlabeled_batches`` once, when it builds the method
   (:func:`check_method_class`).
-- shared loss pieces (cross-entropy, softmax-MSE, invertible flip/rot90, CutMix boxes) live in
-  :mod:`semibench.losses`; a method imports them rather than writing its own copy.
+- shared loss pieces (cross-entropy, softmax-MSE, invertible flip/rot90, CutMix boxes and
+  pasting, weak-view pseudo-labels and confident-pixel losses) live in :mod:`semibench.losses`;
+  a method imports them rather than writing its own copy.
+- a CutMix of two unlabeled batches (FixMatch, UniMatch): ``unlabeled_batches = 2``, then
+  ``losses.cutmix_box_masks`` and ``losses.paste`` put batch 1's strong view into batch 0's
+  inside each box, and the same boxes paste the targets.
+- predictions as at test time in the middle of a step (FixMatch's and UniMatch's pseudo-labels
+  of the mix batch): ``with predicting(net):`` runs ``net`` in eval mode (BatchNorm running
+  statistics, no dropout, no update of the statistics) without gradient, and restores its mode.
+- feature perturbation (UniMatch): ``net(x, feature_dropout=p)`` of a segmenter also returns
+  ``fp_logits``, the decoder's output on channel-dropped encoder features, decoded in one batch
+  with the clean ones (:class:`semibench.model.DenseUNet`).
 - resolved hyperparameters: every run records its method's *complete* hyperparameters (the
   dataclass defaults merged with the config's overrides, :func:`resolved_hparams`) in
   ``config.json``, the resume fingerprint, ``train_done.json``/``metrics.json`` meta and the
@@ -79,8 +90,9 @@ method (its targets come from the step's first, pre-update predictions).
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -173,6 +185,19 @@ class Method(nn.Module):
         """Networks besides ``inference_model()`` whose validation Dice is logged each epoch as
         ``val_dice/<name>`` (GCT: both task models). Not used for model selection."""
         return {}
+
+
+@contextmanager
+def predicting(net: nn.Module) -> Iterator[nn.Module]:
+    """``net`` in eval mode and without gradient for the block, then back in its previous mode:
+    predictions as at test time (BatchNorm running statistics, left unchanged; no dropout)."""
+    was_training = net.training
+    net.train(False)
+    try:
+        with torch.no_grad():
+            yield net
+    finally:
+        net.train(was_training)
 
 
 def make_hparams(cls: type, overrides: Mapping[str, Any] | None) -> Any:

@@ -9,6 +9,11 @@ encoder. Layout for an H×W input::
     decoder  1/32 → 1/16 (+db3) → 1/8 (+db2) → 1/4 (+db1, +relu0 pooled)  = features (B, 256, H/4, W/4)
     classifier  features → logits at 1/4 → bilinear to H×W              = logits (B, 2, H, W)
     projector   [avg-pool 2] → 1×1 conv → ReLU → 1×1 conv                = proj (B, 128, H/8, W/8)
+
+Feature perturbation (UniMatch's second stream): ``forward(x, feature_dropout=p)`` runs the
+encoder once and the decoder on ``cat(e, Dropout2d_p(e))`` for every encoder output e (the four
+skips and the bottom map) in one batch of 2B; ``fp_logits`` holds the decoder's logits on the
+dropped features, everything else is the clean half.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ class SegOutput(NamedTuple):
     features: torch.Tensor  # (B, 256, H/4, W/4) extractor output
     logits: torch.Tensor  # (B, num_classes, H, W)
     proj: Optional[torch.Tensor]  # (B, proj_dim, H/8, W/8) with pooling; None if not asked for
+    fp_logits: Optional[torch.Tensor] = None  # (B, num_classes, H, W) on channel-dropped encoder features
 
 
 def _xavier(conv: nn.Conv2d) -> nn.Conv2d:
@@ -168,7 +174,12 @@ class DenseUNet(nn.Module):
 
     def extract(self, x: torch.Tensor) -> torch.Tensor:
         """The extractor output (B, 256, H/4, W/4)."""
-        (s_relu0, s_db1, s_db2, s_db3), x = self.encoder(x)
+        skips, bottom = self.encoder(x)
+        return self.decode(skips, bottom)
+
+    def decode(self, skips: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The decoder: encoder skips (relu0, denseblock1-3) and bottom map → extractor output."""
+        s_relu0, s_db1, s_db2, s_db3 = skips
         x = self.decoder[0](x, [s_db3])
         x = self.decoder[1](x, [s_db2])
         s_relu0 = F.adaptive_avg_pool2d(s_relu0, s_db1.shape[-2:])  # = avg-pool 2 for even sizes
@@ -178,11 +189,23 @@ class DenseUNet(nn.Module):
         """Classifier on (possibly perturbed) features, logits upsampled to ``size``."""
         return _up(self.classifier(features), size)
 
-    def forward(self, x: torch.Tensor, project: bool = True) -> SegOutput:
-        features = self.extract(x)
-        logits = self.head_logits(features, x.shape[-2:])
+    def forward(self, x: torch.Tensor, project: bool = True, feature_dropout: float = 0.0) -> SegOutput:
+        """``feature_dropout`` p > 0 adds ``fp_logits``: the decoder and classifier on the encoder
+        outputs with channel dropout p (``F.dropout2d``, on whatever the module's mode: the
+        caller asks for the perturbation), decoded in the same batch as the clean features, so
+        decoder BatchNorm in train mode sees both halves (as UniMatch's ``need_fp`` forward)."""
+        if feature_dropout <= 0:
+            features = self.extract(x)
+            logits = self.head_logits(features, x.shape[-2:])
+            proj = self.projector(features) if project else None
+            return SegOutput(features, logits, proj)
+        skips, bottom = self.encoder(x)
+        both = [torch.cat([e, F.dropout2d(e, feature_dropout, training=True)]) for e in (*skips, bottom)]
+        decoded = self.decode(both[:-1], both[-1])  # (2B, 256, H/4, W/4): clean, then dropped
+        logits, fp_logits = self.head_logits(decoded, x.shape[-2:]).chunk(2)
+        features = decoded[:len(x)]
         proj = self.projector(features) if project else None
-        return SegOutput(features, logits, proj)
+        return SegOutput(features, logits, proj, fp_logits)
 
 
 def _warn_once(msg: str) -> None:
