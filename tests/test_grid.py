@@ -90,3 +90,13 @@ def test_shipped_configs(files):
     assert len(set(runs)) == len(runs)
     assert len(runs) == _count(cfg["grid"]) + _count(cfg["ablation"])  # the schemes are not in the grid
     assert {r.dataset for r in runs} == set(cfg["grid"]["datasets"]) | set(cfg["ablation"]["datasets"])
+
+
+def test_extended_config_adds_fixmatch_and_unimatch_to_every_table1_cell():
+    base = all_runs(load_workflow_config([ROOT / "config" / "config.yaml"]))
+    ext = all_runs(load_workflow_config([ROOT / "config" / "config.yaml", ROOT / "config" / "extended.yaml"]))
+    extra = [r for r in ext if r not in base]
+    assert not [r for r in base if r not in ext]  # the paper's runs stay as they are
+    cells = {(r.dataset, r.ratio, r.seed) for r in base if r.method == "suponly"}
+    assert sorted(extra) == sorted(Run(d, m, k, s) for d, k, s in cells for m in ("fixmatch", "unimatch"))
+    assert len(extra) == 2 * 2 * 3 * 3  # two methods, two datasets, three ratios, three seeds

@@ -241,3 +241,18 @@ def test_plan_from_the_default_config():
     assert "suponly" not in fams["vs_baseline"].methods and fams["vs_baseline"].against == "suponly"
     assert fams["vs_reference"].cells == tuple((d, k) for d in ("dsb2018", "monuseg") for k in (32, 16, 8))
     assert plan.options.n_resamples == 9999 and plan.metric == "dice"
+
+
+def test_methods_beyond_the_paper_are_set_apart():
+    from semibench.report.figures import palette
+    from semibench.report.plan import display, order_methods
+    from semibench.report.tables import beyond_paper_note
+    order = order_methods(["fullsup", "unimatch", "cdcl", "suponly", "fixmatch", "mine", "cutmix"])
+    assert order == ["suponly", "cutmix", "mine", "cdcl", "fixmatch", "unimatch", "fullsup"]
+    assert (display("fixmatch"), display("unimatch"), display("cdcl")) == ("FixMatch*", "UniMatch*", "CDCL")
+    note = beyond_paper_note(("suponly", "unimatch", "cdcl"))
+    assert note.startswith(" * Not in the CDCL paper: UniMatch, ") and "FixMatch" not in note
+    assert beyond_paper_note(("suponly", "cdcl")) == ""
+    from semibench.registry import METHODS
+    colours = palette(METHODS.names())
+    assert len(set(colours.values())) == len(colours)  # every registered method its own colour

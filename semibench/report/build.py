@@ -15,8 +15,8 @@ from . import stats
 from .paper import load_paper_tables
 from .plan import UPPER_BOUND, ReportPlan, display, plan_from_config, plan_from_runs
 from .read import Results, read_runs
-from .tables import build_table, footnote, n_cases_by_dataset, paper_delta, render_all, \
-    summarize, table_metrics
+from .tables import beyond_paper_note, build_table, footnote, n_cases_by_dataset, paper_delta, \
+    render_all, summarize, table_metrics
 
 STATS_FILES = ["comparisons.csv", "comparisons.html", "friedman.csv", "pairwise.csv",
                "ranking.csv", "ranking_freq.csv", "cases.csv"]
@@ -141,7 +141,7 @@ def table_texts(results: Results, plan: ReportPlan, comparisons: pd.DataFrame | 
             fams.append(f"vs_baseline for {display(plan.reference)}")
         note = footnote(plan, n_cases_by_dataset(comparisons, section.datasets),
                         ", ".join(fams) or "none", results.abbrev, upper_bound=name == "table1",
-                        n_seeds=len(section.seeds))
+                        n_seeds=len(section.seeds)) + beyond_paper_note(section.methods)
         what = ("segmentation of the test sets" if name == "table1"
                 else f"ablation, {results.abbrev(plan.metric)}")
         for suffix, text in render_all(frame, f"{title}: {what}", note, results.abbrev,

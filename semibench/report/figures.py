@@ -25,7 +25,7 @@ FIGURES = ["dice_vs_ratio", "per_image_dice", "delta_vs_reference", "cd_diagram"
 # ablation schemes one green ramp (they are variants of one method).
 _FIXED = {"suponly": "#7f7f7f", "meanteacher": "#1f77b4", "tcsmv2": "#ff7f0e", "cutmix": "#17becf",
           "gct": "#9467bd", "cct": "#8c564b", "cac": "#e377c2", "cdcl": "#d62728",
-          "fullsup": "#000000",
+          "fullsup": "#000000", "fixmatch": "#bcbd22", "unimatch": "#393b79",
           **{f"cdcl-scheme{i}": c for i, c in
              enumerate(sns.color_palette("YlGn", 8).as_hex()[2:], start=1)}}
 

@@ -9,10 +9,15 @@ from .stats import Family, StatOptions
 #: the paper's names; methods not listed keep their registry name
 DISPLAY = {"suponly": "SupOnly", "fullsup": "FullSup", "meanteacher": "MeanTeacher",
            "tcsmv2": "TCSMv2", "cutmix": "CutMix", "gct": "GCT", "cct": "CCT", "cac": "CAC",
-           "cdcl": "CDCL", **{f"cdcl-scheme{i}": f"Scheme.{i}" for i in range(1, 7)}}
+           "cdcl": "CDCL", **{f"cdcl-scheme{i}": f"Scheme.{i}" for i in range(1, 7)},
+           "fixmatch": "FixMatch*", "unimatch": "UniMatch*"}
+#: methods that are not in the CDCL paper's tables (later baselines): shown after the paper's
+#: rows, their names marked with BEYOND_MARK and explained in the table footnote
+BEYOND_PAPER = ("fixmatch", "unimatch")
+BEYOND_MARK = "*"
 #: one method order everywhere (tables, figures, palette): the paper's rows, then the rest
 ORDER = ["suponly", "meanteacher", "tcsmv2", "cutmix", "gct", "cct", "cac",
-         *[f"cdcl-scheme{i}" for i in range(1, 7)], "cdcl", "fullsup"]
+         *[f"cdcl-scheme{i}" for i in range(1, 7)], "cdcl", *BEYOND_PAPER, "fullsup"]
 UPPER_BOUND = "fullsup"  # never bold, never tested: it sees every label
 FAMILY_KINDS = ("vs_reference", "vs_baseline", "ablation")
 
@@ -22,10 +27,12 @@ def display(method: str) -> str:
 
 
 def order_methods(methods) -> list[str]:
-    """Known methods in ORDER (fullsup last), unknown ones before cdcl in the order given."""
+    """Known methods in ORDER, unknown ones before cdcl in the order given, then cdcl, the
+    methods beyond the paper and fullsup."""
     methods = list(dict.fromkeys(methods))
-    known = [m for m in ORDER if m in methods and m not in ("cdcl", UPPER_BOUND)]
-    tail = [m for m in ("cdcl", UPPER_BOUND) if m in methods]
+    last = ("cdcl", *BEYOND_PAPER, UPPER_BOUND)
+    known = [m for m in ORDER if m in methods and m not in last]
+    tail = [m for m in last if m in methods]
     return known + [m for m in methods if m not in ORDER] + tail
 
 

@@ -20,7 +20,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .plan import ORDER, UPPER_BOUND, ReportPlan, Section, display
+from .plan import BEYOND_MARK, BEYOND_PAPER, ORDER, UPPER_BOUND, ReportPlan, Section, display
 from .read import Results
 
 BELOW, ABOVE, MISSING = "†", "‡", "—"
@@ -163,6 +163,16 @@ def footnote(plan: ReportPlan, n_cases: dict, families: str, abbrev, upper_bound
             f"family ({families}) and dataset; α = {plan.options.alpha}). {spread}"
             f"{MISSING} = run missing. "
             f"Tests are conditional on these runs and this test set.")
+
+
+def beyond_paper_note(methods) -> str:
+    """The footnote sentence for rows that are not in the CDCL paper's tables ("" if none)."""
+    shown = [display(m) for m in BEYOND_PAPER if m in methods]
+    if not shown:
+        return ""
+    return (f" {BEYOND_MARK} Not in the CDCL paper: {', '.join(s.rstrip(BEYOND_MARK) for s in shown)}, "
+            f"later baselines on the same network, data, splits and engine (no paper numbers to "
+            f"compare with).")
 
 
 def render_markdown(frame: pd.DataFrame, title: str, note: str, abbrev) -> str:
