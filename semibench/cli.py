@@ -52,7 +52,7 @@ def check_ratio(method: str, ratio: int) -> None:
     if ratio not in LABEL_RATIOS:
         raise ConfigError(f"unknown label ratio {ratio}; known: "
                           + ", ".join(str(k) for k in LABEL_RATIOS) + " (k means 1/k labeled)")
-    fixed = getattr(METHODS.get(method), "fixed_ratio", None)
+    fixed = METHODS.static(method, "fixed_ratio")
     if fixed is not None and ratio != fixed:
         raise ConfigError(f"method {method!r} trains at ratio {fixed} only, not {ratio}")
 
