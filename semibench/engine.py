@@ -65,6 +65,7 @@ from .metrics import Counts, per_image_mean
 from .prepared import PreparedDataset
 from .registry import METHODS
 from .schedules import poly_lr
+from .status import write_host_file
 
 MODEL_SELECTION = "val per-image mean dice at the original size (Trainer.validate)"
 LOG_EVERY = 25  # iterations between "train" lines in train.jsonl
@@ -699,6 +700,7 @@ def train(cfg: RunConfig, out_dir: Path, *, on_epoch_end: Callable[[int], None] 
         if saved is not None:
             _check_same_config(saved, cfg, out_dir / "checkpoint.pt")
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_host_file(out_dir)  # `semibench status` on another host of a shared file system reads it
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # autocast and cuDNN follow the current device
