@@ -67,8 +67,8 @@ def compute_stats(results: Results, plan: ReportPlan, strict: bool = False) -> d
     omni, pairs, freq, summ = [], [], [], []
     for d, k in _cells(plan):
         methods = _tested_methods(plan, d, k)
-        o, p = stats.friedman(cases, seed_level, [(d, k)], methods, hib, plan.options)
-        f, s = stats.ranking_stability(cases, [(d, k)], methods, hib, plan.options)
+        o, p = stats.friedman(seed_level, [(d, k)], methods, hib, plan.options)
+        f, s = stats.ranking_stability(seed_level, [(d, k)], methods, hib, plan.options)
         omni.append(o), pairs.append(p), freq.append(f), summ.append(s)
     cat = lambda xs: pd.concat([x for x in xs if not x.empty], ignore_index=True) \
         if any(not x.empty for x in xs) else pd.DataFrame()
