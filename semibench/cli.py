@@ -163,6 +163,8 @@ def cmd_report(args) -> None:
     if outside:
         print(f"semibench: note: {len(outside)} run(s) outside the configured grid/ablation are "
               "left out of the tables, e.g. {}/{}/r{}/seed{}".format(*outside[0]), file=sys.stderr)
+    for line in build.report_notes(results, plan):
+        print(f"semibench: note: left out: {line}", file=sys.stderr)
     out = Path(args.out)
     steps = ("stats", "tables", "figures") if args.step == "all" else (args.step,)
     written = []

@@ -281,18 +281,27 @@ class Family:
     against: str
     methods: tuple
     cells: tuple  # (dataset, ratio) pairs
+    left_out: tuple = ()  # ((dataset, ratio, method), why): not trained as the config stands
 
 
 def run_families(seed_level: pd.DataFrame, families: list[Family], metric: str,
                  options: StatOptions = StatOptions(), strict: bool = False) -> pd.DataFrame:
     """Every declared comparison as a row of ``COMPARISON_COLUMNS``. A comparison that cannot
     be paired (a missing run, mismatched keys) raises when ``strict``; otherwise it stays in the
-    table untested with the reason in ``note`` (and does not count in Holm)."""
+    table untested with the reason in ``note`` (and does not count in Holm). A comparison the
+    family leaves out (the config does not train one side) stays untested with its reason."""
     rows = []
     for fam in families:
+        skip = dict(fam.left_out)
         for dataset, ratio in fam.cells:
             for m in fam.methods:
                 if m == fam.against:
+                    continue
+                if (dataset, ratio, m) in skip:
+                    rows.append({"dataset": dataset, "ratio": int(ratio), "a": m,
+                                 "b": fam.against, "n_cases": 0, "p": np.nan, "family": fam.name,
+                                 "metric": metric,
+                                 "note": f"left out: {skip[(dataset, ratio, m)]}"})
                     continue
                 try:
                     row = compare(seed_level, dataset, ratio, m, fam.against, options)
