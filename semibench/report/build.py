@@ -203,7 +203,7 @@ def table_texts(results: Results, plan: ReportPlan, comparisons: pd.DataFrame | 
             fams.append(f"vs_baseline for {display(plan.reference)}")
         notes = left_out[name] + data_notes(results, plan, section)
         note = footnote(plan, n_cases_by_dataset(comparisons, section.datasets), fams,
-                        results.abbrev, upper_bound=name == "table1",
+                        results.abbrev, upper_bound=UPPER_BOUND in section.methods,
                         n_seeds_found=frame.loc[frame["metric"] == metrics[0], "n_seeds"],
                         notes=notes)
         what = ("segmentation of the test sets" if name == "table1"
