@@ -242,8 +242,10 @@ def cd_diagram(results, plan, cases, stats_dir):
             ax.plot([ranks[by_rank[i]], ranks[by_rank[j]]], [y, y], color="k", lw=3)
         ax.axis("off")
         p = r.get("p", np.nan)
-        ax.set_title(f"{r['dataset']}, 1/{int(r['ratio'])}: mean rank over {int(r['n_cases'])} images "
-                     f"(Friedman p = {p:.2g}); bars join methods not different "
+        left = " (some pairs left out: friedman.csv note)" if isinstance(r.get("note"), str) \
+            and r["note"].startswith("on the ") else ""
+        ax.set_title(f"{r['dataset']}, 1/{int(r['ratio'])}: mean rank over {int(r['n_cases'])} images"
+                     f"{left} (Friedman p = {p:.2g}); bars join methods not different "
                      f"(Wilcoxon-Holm, α = {plan.options.alpha})", fontsize=9)
     fig.tight_layout()
     return fig
