@@ -535,6 +535,7 @@ class Trainer:
             self.load_checkpoint(ckpt_path)
             self._restore_best(out)  # before anything is written: a bad checkpoint changes nothing
         write_json_atomic(out / "config.json", cfg.to_dict())
+        write_host_file(out)  # `semibench status` on another host of a shared file system reads it
         log_path = out / "train.jsonl"
         self._truncate_log(log_path, self.start_epoch)
         infos = self.ctx.weights_info()
@@ -700,7 +701,6 @@ def train(cfg: RunConfig, out_dir: Path, *, on_epoch_end: Callable[[int], None] 
         if saved is not None:
             _check_same_config(saved, cfg, out_dir / "checkpoint.pt")
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_host_file(out_dir)  # `semibench status` on another host of a shared file system reads it
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # autocast and cuDNN follow the current device
