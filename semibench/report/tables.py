@@ -163,7 +163,7 @@ def seeds_text(n_seeds_found) -> str:
             lo, hi = std_ci_factors(n)
             parts.append(f"{lo:.2f}·s to {hi:.1f}·s" if len(found) == 1
                          else f"{n} seeds: {lo:.2f}·s to {hi:.1f}·s")
-    few = f"; one seed in some cells (no spread there)" if found[0] == 1 else ""
+    few = "; one seed in some cells (no spread there)" if found[0] == 1 else ""
     head = f"With {found[0]} seeds" if len(found) == 1 else \
         f"With {found[0]}–{found[-1]} seeds per cell (n shown where fewer than configured)"
     return (f"{head} the std is imprecise (95 % CI of σ: {', '.join(parts)}{few}); where the "
