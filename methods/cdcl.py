@@ -179,6 +179,12 @@ class CDCL(Method):
 register_method("cdcl")(CDCL)
 
 
+# The ablation names, as semibench.registry reads them from this file without importing it (the
+# loop below registers them; the registry checks on import that both agree).
+REGISTERED_NAMES = ("cdcl-scheme1", "cdcl-scheme2", "cdcl-scheme3", "cdcl-scheme4", "cdcl-scheme5",
+                    "cdcl-scheme6")
+
+
 def _variant(name: str, scheme: Scheme) -> type:
     cls_name = "CDCL" + name.removeprefix("cdcl-").replace("scheme", "Scheme")
     cls = type(cls_name, (CDCL,), {"name": name, "scheme": scheme, "__module__": __name__,

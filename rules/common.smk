@@ -65,9 +65,20 @@ def _check_params(runs):
             make_hparams(hparams, overrides.get(method))
 
 
+def _report_left_out():
+    """One line, before any training, on what the report will not show or test because the grid
+    does not train it (e.g. grid.methods without report.baseline)."""
+    from semibench.report.plan import plan_from_config
+
+    lines = plan_from_config(config).left_out()
+    if lines:
+        print("semibench: note: the report will leave out " + "; ".join(lines), file=sys.stderr)
+
+
 try:
     RUNS = _all_runs()
     _check_params(RUNS)
+    _report_left_out()
 except ConfigError as e:  # one line, no traceback: it is the user's config, not our code
     sys.exit(f"semibench: error: {e}")
 

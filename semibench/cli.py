@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -51,7 +52,7 @@ def check_ratio(method: str, ratio: int) -> None:
 
     if ratio < 1:
         raise ConfigError(f"label ratio must be an integer k >= 1 (1/k labeled), got {ratio}")
-    fixed = getattr(METHODS.get(method), "fixed_ratio", None)
+    fixed = METHODS.static(method, "fixed_ratio")
     if fixed is not None and ratio != fixed:
         raise ConfigError(f"method {method!r} trains at ratio {fixed} only, not {ratio}")
 
@@ -161,6 +162,8 @@ def cmd_report(args) -> None:
     if outside:
         print(f"semibench: note: {len(outside)} run(s) outside the configured grid/ablation are "
               "left out of the tables, e.g. {}/{}/r{}/seed{}".format(*outside[0]), file=sys.stderr)
+    for line in build.report_notes(results, plan):
+        print(f"semibench: note: left out: {line}", file=sys.stderr)
     out = Path(args.out)
     steps = ("stats", "tables", "figures") if args.step == "all" else (args.step,)
     written = []
@@ -191,7 +194,8 @@ def cmd_status(args) -> None:
     args.config = [str(base)] + list(args.config or [])
     cfg = _workflow_config(args)
     report = grid_status(cfg, Path(args.runs_dir), Path(args.logs_dir), jobs=args.jobs,
-                         fresh_minutes=args.fresh_minutes)
+                         fresh_minutes=args.fresh_minutes,
+                         config_files=args.config + (["--config-json"] if args.config_json else []))
     print(json.dumps(report, indent=1) if args.json else format_text(report))
 
 
@@ -300,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="runs trained at once, dividing the grid's remaining time (default 1)")
     p.add_argument("--fresh-minutes", type=float, default=10.0, metavar="MIN",
-                   help="a train.jsonl written this recently counts as running (default 10)")
+                   help="a run started on another host (train_host.json; a shared file "
+                        "system) whose train.jsonl changed this recently counts as running "
+                        "(default 10); on this host only a live process counts")
     p.add_argument("--json", action="store_true", help="machine-readable output (schema in README)")
     p.set_defaults(func=cmd_status)
 
@@ -318,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+    except BrokenPipeError:  # `semibench status --json | head`: the reader had enough
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the exit-time flush does not fail again
+        return 0
     except SemibenchError as e:
         print(f"semibench: error: {e}", file=sys.stderr)
         return EXIT_ERROR

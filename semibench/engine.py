@@ -65,6 +65,7 @@ from .metrics import Counts, per_image_mean
 from .prepared import PreparedDataset
 from .registry import METHODS
 from .schedules import poly_lr
+from .status import write_host_file
 
 MODEL_SELECTION = "val per-image mean dice at the original size (Trainer.validate)"
 LOG_EVERY = 25  # iterations between "train" lines in train.jsonl
@@ -534,6 +535,7 @@ class Trainer:
             self.load_checkpoint(ckpt_path)
             self._restore_best(out)  # before anything is written: a bad checkpoint changes nothing
         write_json_atomic(out / "config.json", cfg.to_dict())
+        write_host_file(out)  # `semibench status` on another host of a shared file system reads it
         log_path = out / "train.jsonl"
         self._truncate_log(log_path, self.start_epoch)
         infos = self.ctx.weights_info()
@@ -620,6 +622,7 @@ class Trainer:
                 means = {k: v / n_window for k, v in window.items()}
                 self._log(log, event="train", epoch=epoch, iteration=epoch * self.iterations + it + 1,
                           lr=lr, losses=means, img_per_s=n_window * self.images_per_step / max(dt, 1e-9),
+                          images_per_step=self.images_per_step,  # for `semibench status` (no import)
                           peak_mem_mb=peak_memory_mb(self.device))
                 bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}")
                 window, n_window, t_window = {}, 0, time.perf_counter()

@@ -58,7 +58,7 @@ def ratios_for(method: str, ratios) -> list[int]:
     """A method with a fixed label ratio (fullsup: 1) runs at that ratio only."""
     from .registry import METHODS
 
-    fixed = getattr(METHODS.get(method), "fixed_ratio", None)
+    fixed = METHODS.static(method, "fixed_ratio")  # read from the source: no torch import
     return [fixed] if fixed is not None else list(ratios)
 
 

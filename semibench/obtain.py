@@ -238,23 +238,39 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
 
 # ---------------------------------------------------------------- the three CLI entry points
 
+def _archive_records(recipe: Recipe, located: Mapping[str, dict]) -> dict:
+    """archives.json: per archive, the file found now (path, sha256, how it was found)."""
+    return {fn: dict(check_archive(_spec(recipe, fn), loc["path"], recipe),
+                     source=loc["source"], url=loc["url"]) for fn, loc in located.items()}
+
+
 def obtain(name: str, data_dir: str | Path = "data", ds_cfg: Mapping | None = None) -> dict:
     """Find or download every archive; write ``<data_dir>/raw/<name>/archives.json``."""
     recipe = get_recipe(name, ds_cfg)
     located = locate(recipe, data_dir, download=True)
-    records = {fn: dict(check_archive(_spec(recipe, fn), loc["path"], recipe),
-                        source=loc["source"], url=loc["url"]) for fn, loc in located.items()}
+    records = _archive_records(recipe, located)
     _atomic_write_json(raw_dir(name, data_dir) / "archives.json", records)
     return records
 
 
 def verify(name: str, data_dir: str | Path = "data", ds_cfg: Mapping | None = None) -> dict:
-    """Check checksums and contents; write ``<data_dir>/raw/<name>/verified.json``."""
+    """Check checksums and contents; write ``<data_dir>/raw/<name>/verified.json``. An archive
+    replaced since ``obtain`` (a truncated download swapped for the real file) is recorded anew
+    in ``archives.json`` too, so the two files never name different bytes."""
     recipe = get_recipe(name, ds_cfg)
     out_path = raw_dir(name, data_dir) / "verified.json"
     out_path.unlink(missing_ok=True)  # a failed verify must not leave an old success behind
     located = locate(recipe, data_dir, download=False)
-    records = {fn: check_archive(_spec(recipe, fn), loc["path"], recipe) for fn, loc in located.items()}
+    found = _archive_records(recipe, located)
+    archives_json = raw_dir(name, data_dir) / "archives.json"
+    try:
+        recorded = json.loads(archives_json.read_text())
+    except (OSError, json.JSONDecodeError):
+        recorded = None
+    if recorded != json.loads(json.dumps(found, default=str)):
+        _atomic_write_json(archives_json, found)  # written before verified.json: stays older
+    records = {fn: {k: v for k, v in r.items() if k not in ("source", "url")}
+               for fn, r in found.items()}
     summary = recipe.verify({fn: Path(loc["path"]) for fn, loc in located.items()})
     result = dict(dataset=name, archives=records, summary=summary)
     _atomic_write_json(out_path, result)

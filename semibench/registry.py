@@ -1,23 +1,106 @@
 """Methods and datasets by name: modules in the built-in packages register themselves with a
 decorator, third-party packages through entry points (groups ``semibench.methods`` and
-``semibench.datasets``). Nothing is listed by hand."""
+``semibench.datasets``). Nothing is listed by hand.
+
+Listing names imports nothing: the built-in modules are read as source (:mod:`ast`) for their
+``register_method("name")`` / ``register_dataset("name")`` calls, and entry points are listed by
+name. A module is imported only when one of its names is asked for (:meth:`Registry.get`), so
+``semibench methods`` and ``semibench status`` never load torch (about 2 s on its own). A module
+that registers names computed at import time lists them in a module-level literal
+``REGISTERED_NAMES = (...)``; without it the module is imported to learn its names. The class
+attributes that ``semibench status`` and the grid need (``fixed_ratio``) are read the same way
+from the registered class's body, and checked against the imported class whenever it is used.
+"""
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import pkgutil
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Callable, Generic, TypeVar
 
 from .errors import ConfigError
 
 T = TypeVar("T")
+DECLARED = "REGISTERED_NAMES"
+_UNKNOWN = object()
+
+
+def _literal(node):
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError):
+        return _UNKNOWN
+
+
+def scan_source(source: str, decorator: str, attrs: tuple[str, ...]) -> tuple[dict, bool]:
+    """({name: {attr: literal value}} registered by ``decorator("name")`` in ``source``, and
+    whether the module also registers names this cannot read). An attribute missing from the
+    registered class's body is left out (the base class's default applies)."""
+    tree = ast.parse(source)
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    found: dict[str, dict] = {}
+    dynamic = False
+    declared = None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == DECLARED
+                                                for t in node.targets):
+            declared = _literal(node.value)
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id == decorator):
+            continue
+        name = _literal(node.args[0]) if node.args else _UNKNOWN
+        if not isinstance(name, str):
+            dynamic = True
+            continue
+        found.setdefault(name, {})
+    # which class each literal name registers: a decorator, or register_x("name")(Cls)
+    targets: dict[str, str] = {}
+    for cls in classes.values():
+        for dec in cls.decorator_list:
+            if isinstance(dec, ast.Call) and isinstance(dec.func, ast.Name) \
+                    and dec.func.id == decorator and dec.args and isinstance(_literal(dec.args[0]), str):
+                targets[_literal(dec.args[0])] = cls.name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Call) \
+                and isinstance(node.func.func, ast.Name) and node.func.func.id == decorator \
+                and node.func.args and isinstance(_literal(node.func.args[0]), str) \
+                and node.args and isinstance(node.args[0], ast.Name):
+            targets[_literal(node.func.args[0])] = node.args[0].id
+    for name, cls_name in targets.items():
+        for stmt in classes[cls_name].body if cls_name in classes else ():
+            target, value = None, None
+            if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
+                target, value = stmt.targets[0], stmt.value
+            elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+                target, value = stmt.target, stmt.value
+            if isinstance(target, ast.Name) and target.id in attrs:
+                v = _literal(value)
+                if v is not _UNKNOWN:
+                    found[name][target.id] = v
+    if dynamic and isinstance(declared, (tuple, list)) and all(isinstance(n, str) for n in declared):
+        for n in declared:
+            found.setdefault(n, {})
+        dynamic = False
+    return found, dynamic
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, package: str, group: str):
+    def __init__(self, kind: str, package: str, group: str, static_attrs: tuple[str, ...] = ()):
         self.kind, self.package, self.group = kind, package, group
+        self.static_attrs = static_attrs
         self._items: dict[str, T] = {}
-        self._discovered = False
+        self._catalog: dict[str, str] | None = None  # name -> module (or "entry point")
+        self._facts: dict[str, dict] = {}  # name -> static class attributes from the source
+        self._entry_points: dict = {}
+        self._checked: set[str] = set()
+
+    @property
+    def decorator(self) -> str:
+        return f"register_{self.kind}"
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
@@ -27,31 +110,99 @@ class Registry(Generic[T]):
             return obj
         return decorator
 
-    def _discover(self) -> None:
-        if self._discovered:
-            return
-        self._discovered = True
-        pkg = importlib.import_module(self.package)
-        for mod in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-            if not mod.name.startswith("_"):
-                importlib.import_module(f"{self.package}.{mod.name}")
+    # -- names without imports --------------------------------------------------------------
+    def _modules(self):
+        """(module name, source path or None) of every public module of the package."""
+        spec = importlib.util.find_spec(self.package)
+        for mod in sorted(pkgutil.iter_modules(spec.submodule_search_locations or []),
+                          key=lambda m: m.name):
+            if mod.name.startswith("_"):
+                continue
+            path = Path(getattr(mod.module_finder, "path", "")) / f"{mod.name}.py"
+            yield f"{self.package}.{mod.name}", path if path.is_file() else None
+
+    def catalog(self) -> dict[str, str]:
+        """{name: the module that registers it}, read without importing any of them."""
+        if self._catalog is not None:
+            return self._catalog
+        catalog: dict[str, str] = {}
+        for module, path in self._modules():
+            found, dynamic = ({}, True) if path is None else \
+                scan_source(path.read_text(encoding="utf-8"), self.decorator, self.static_attrs)
+            if dynamic:  # names this cannot read: import the module to learn them
+                before = set(self._items)
+                importlib.import_module(module)
+                found.update({n: None for n in set(self._items) - before})
+            for name, facts in found.items():
+                catalog.setdefault(name, module)
+                if facts is not None:
+                    self._facts[name] = facts
         for ep in entry_points(group=self.group):
-            obj = ep.load()  # a module registers on import; a class/function is registered by name
-            if ep.name not in self._items and not isinstance(obj, type(importlib)):
-                self._items[ep.name] = obj
+            self._entry_points.setdefault(ep.name, ep)
+            catalog.setdefault(ep.name, "entry point")
+        self._catalog = catalog
+        return catalog
 
     def names(self) -> list[str]:
-        self._discover()
-        return sorted(self._items)
+        return sorted(set(self.catalog()) | set(self._items))
+
+    # -- objects ----------------------------------------------------------------------------
+    def _load(self, name: str) -> None:
+        module = self.catalog().get(name)
+        if module is None:
+            return
+        if module == "entry point":
+            ep = self._entry_points[name]
+            obj = ep.load()  # a module registers on import; a class/function is registered by name
+            if name not in self._items and not isinstance(obj, type(importlib)):
+                self._items[name] = obj
+            return
+        importlib.import_module(module)
+        listed = {n for n, m in self.catalog().items() if m == module}
+        registered = {n for n, obj in self._items.items() if getattr(obj, "__module__", None) == module}
+        if registered - listed:
+            raise ConfigError(
+                f"{module} registers {', '.join(sorted(registered - listed))} under names its "
+                f"source does not show; list them in a module-level {DECLARED} = (...)")
+
+    def _check_static(self, name: str) -> None:
+        """The imported class must carry the attributes read from its source (a value inherited
+        from a base class is invisible to the source reader)."""
+        facts = self._facts.get(name)
+        if facts is None:
+            return
+        obj = self._items[name]
+        for attr in self.static_attrs:
+            runtime = getattr(obj, attr, None)
+            if runtime != facts.get(attr):
+                raise ConfigError(
+                    f"{self.kind} {name!r} ({obj.__module__}) has {attr} = {runtime!r} but its "
+                    f"class body states {facts.get(attr)!r}: state {attr} in the body of the "
+                    f"registered class (semibench reads it from the source, without importing)")
 
     def get(self, name: str) -> T:
-        self._discover()
+        if name not in self._items:
+            self._load(name)
         if name not in self._items:
             raise ConfigError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
+        if name not in self._checked:
+            self._check_static(name)
+            self._checked.add(name)
         return self._items[name]
 
+    def static(self, name: str, attr: str):
+        """A class attribute of ``static_attrs`` without importing the module when its source
+        states it (None = the base class default); an unknown name is a ConfigError."""
+        if name in self._items:
+            return getattr(self._items[name], attr, None)
+        self.catalog()
+        if name in self._facts:
+            return self._facts[name].get(attr)
+        return getattr(self.get(name), attr, None)
 
-METHODS: Registry = Registry("method", "semibench.methods", "semibench.methods")
+
+METHODS: Registry = Registry("method", "semibench.methods", "semibench.methods",
+                             static_attrs=("fixed_ratio",))
 DATASETS: Registry = Registry("dataset", "semibench.datasets", "semibench.datasets")
 register_method = METHODS.register
 register_dataset = DATASETS.register

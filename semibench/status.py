@@ -7,8 +7,11 @@ applies wins:
 
 - ``done``: ``metrics.json`` exists (evaluated);
 - ``running``: a live local process runs ``semibench train``/``evaluate`` on this run directory
-  (``/proc/*/cmdline``), or, with training unfinished, ``train.jsonl`` changed within the last
-  ``fresh_minutes`` (a job on another host of a shared file system);
+  (``/proc/*/cmdline``), or, with training unfinished, the run was last started on **another
+  host** (``train_host.json``, written by ``semibench train``) and its ``train.jsonl`` changed
+  within the last ``fresh_minutes``: a job on a shared file system whose process this host cannot
+  see. A run started on this host with no live process is never running, however fresh its files
+  (a ``kill -9`` leaves them fresh); a run without ``train_host.json`` counts as this host's;
 - ``failed``: the tail of the run's newest job log names an error (a ``semibench: error:`` line or
   a Python exception line); the line is shown. A log older than the run's own files is stale (the
   run was restarted since) and ignored; with ``train_done.json`` only the evaluate log counts;
@@ -31,6 +34,7 @@ import json
 import math
 import os
 import re
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -41,6 +45,7 @@ from .errors import ConfigError
 from .grid import Run, all_runs, check_schema
 
 SCHEMA = "semibench.status/1"
+HOST_FILE = "train_host.json"  # {"host": ..., "pid": ...} of the last `semibench train` on the run
 STATES = ("done", "trained", "running", "interrupted", "failed", "missing")
 RATE_LINES = 5  # train lines averaged for a run's current img/s
 LOG_TAIL_BYTES = 64 * 1024
@@ -61,7 +66,7 @@ class RunStatus:
     state: str = "missing"
     epochs_done: int = 0  # finished epochs (epoch lines in train.jsonl)
     epochs: int | None = None  # the run's total (config.json, else the workflow config)
-    running: dict | None = None  # {"via": "process", "pid": N} | {"via": "train.jsonl", "age_s": s}
+    running: dict | None = None  # {"via": "process", "pid": N} | {"via": "train.jsonl", "age_s": s, "host": h}
     error: dict | None = None  # {"log": path, "line": the error line}
     remaining_s: float | None = None  # training seconds left (0 when trained or done)
     basis: str | None = None  # own | dataset+method | dataset | finished; None: no estimate
@@ -242,22 +247,40 @@ def _progress(status: RunStatus, run_dir: Path, default_epochs: int | None) -> N
     status._total_s = total_iters * ips / rate + status.epochs * mean_val
 
 
+def write_host_file(run_dir: Path) -> None:
+    """Record which host trains ``run_dir`` (``semibench train`` calls this before training)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{HOST_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}) + "\n")
+    os.replace(tmp, run_dir / HOST_FILE)
+
+
+def run_host(run_dir: Path) -> str | None:
+    """The host that last started training the run (None: unknown, i.e. this host)."""
+    host = (_read_json(run_dir / HOST_FILE) or {}).get("host")
+    return host if isinstance(host, str) and host else None
+
+
 def run_status(run: Run, runs_dir: Path, logs_dir: Path, live: Mapping[str, int], now: float,
-               fresh_minutes: float, default_epochs: int | None = None) -> RunStatus:
+               fresh_minutes: float, default_epochs: int | None = None,
+               this_host: str | None = None) -> RunStatus:
     run_dir = runs_dir / run.rel_dir()
     status = RunStatus(run.dataset, run.method, run.ratio, run.seed, str(run_dir))
     has = {name: (run_dir / name).exists()
            for name in ("metrics.json", "train_done.json", "checkpoint.pt", "train.jsonl")}
     jsonl_mtime = _mtime(run_dir / "train.jsonl")
     pid = live.get(os.path.realpath(run_dir))
+    host = run_host(run_dir)
+    elsewhere = host is not None and host != (this_host or socket.gethostname())
     if has["metrics.json"]:
         status.state = "done"
     elif pid is not None:
         status.state, status.running = "running", {"via": "process", "pid": pid}
-    elif (not has["train_done.json"] and jsonl_mtime is not None
+    elif (elsewhere and not has["train_done.json"] and jsonl_mtime is not None
           and now - jsonl_mtime <= fresh_minutes * 60):
         status.state = "running"
-        status.running = {"via": "train.jsonl", "age_s": round(max(0.0, now - jsonl_mtime), 1)}
+        status.running = {"via": "train.jsonl", "age_s": round(max(0.0, now - jsonl_mtime), 1),
+                          "host": host}
     else:
         status.error = _failure(run, run_dir, logs_dir, has["train_done.json"])
         if status.error is not None:
@@ -313,10 +336,48 @@ def _estimate_missing(statuses: list[RunStatus]) -> None:
                 break
 
 
+def runs_on_disk(runs_dir: Path) -> list[str]:
+    """Every run directory under ``runs_dir`` (``D/M/rK/seedS`` with any file), sorted."""
+    found = [p for p in Path(runs_dir).glob("*/*/r*/seed*") if p.is_dir() and any(p.iterdir())]
+    return sorted(p.relative_to(runs_dir).as_posix() for p in found)
+
+
+def other_config_note(config_files: list[str], runs_dir: Path, found: list[str],
+                      total: int) -> str:
+    """What to say when none of the config's runs is on disk but others are: which config was
+    read, and which config files beside it select the runs found."""
+    read = " + ".join(config_files) if config_files else "the given config"
+    matches = []
+    base = Path(config_files[0]) if config_files else None
+    if base is not None and base.parent.is_dir():
+        from .config import deep_merge, load_workflow_config
+
+        base_cfg = load_workflow_config([base])
+        for other in sorted(base.parent.glob("*.y*ml")):
+            if other.resolve() == base.resolve():
+                continue
+            try:
+                runs = all_runs(deep_merge(base_cfg, load_workflow_config([other])))
+            except ConfigError:
+                continue
+            hits = len({r.rel_dir() for r in runs} & set(found))
+            if hits:
+                matches.append((hits, other.as_posix()))
+    hint = ""
+    if matches:
+        hits, best = max(matches)
+        hint = f" ({best} selects {hits} of them)"
+    return (f"none of the {total} runs of {read} is under {runs_dir}, which holds {len(found)} "
+            f"other run(s), e.g. {found[0]}: pass the config the workflow ran with, e.g. "
+            f"`semibench status --config FILE` as in `snakemake --configfile FILE`{hint}")
+
+
 def grid_status(config: Mapping, runs_dir: Path = Path("results/runs"), logs_dir: Path = Path("logs"),
                 jobs: int = 1, fresh_minutes: float = 10.0, now: float | None = None,
-                proc_root: Path = Path("/proc")) -> dict:
-    """The status report of the config's grid as a JSON-ready dict (schema in the README)."""
+                proc_root: Path = Path("/proc"), config_files: list[str] | None = None,
+                this_host: str | None = None) -> dict:
+    """The status report of the config's grid as a JSON-ready dict (schema in the README).
+    ``config_files``: what the config was read from, named when it matches no run on disk."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     if fresh_minutes < 0:
@@ -327,15 +388,21 @@ def grid_status(config: Mapping, runs_dir: Path = Path("results/runs"), logs_dir
     live = live_run_dirs(proc_root)
     default_epochs = (config.get("train") or {}).get("epochs")
     statuses = [run_status(r, Path(runs_dir), Path(logs_dir), live, now, fresh_minutes,
-                           default_epochs) for r in runs]
+                           default_epochs, this_host) for r in runs]
     _estimate_missing(statuses)
     counts = {state: sum(s.state == state for s in statuses) for state in STATES}
     known = [s.remaining_s for s in statuses if s.remaining_s is not None]
     remaining = float(sum(known))
+    note = None
+    if counts["missing"] == len(statuses):
+        found = runs_on_disk(Path(runs_dir))
+        if found:
+            note = other_config_note(list(config_files or []), Path(runs_dir), found, len(statuses))
     return {
         "schema": SCHEMA,
         "generated_at": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
         "runs_dir": str(runs_dir), "logs_dir": str(logs_dir),
+        "config_files": list(config_files or []), "note": note,
         "total": len(statuses), "counts": counts,
         "eta": {"remaining_s": remaining, "jobs": jobs, "eta_s": remaining / jobs,
                 "runs_without_estimate": len(statuses) - len(known)},
@@ -367,7 +434,7 @@ def _note(run: dict) -> str:
     if run["running"]:
         r = run["running"]
         return (f"process {r['pid']}" if r["via"] == "process"
-                else f"train.jsonl written {format_duration(r['age_s'])} ago")
+                else f"train.jsonl written {format_duration(r['age_s'])} ago on {r['host']}")
     return ""
 
 
@@ -399,5 +466,7 @@ def format_text(report: Mapping) -> str:
         if unknown:
             text += f"; {unknown} run(s) without an estimate, not counted"
     lines += ["", text]
+    if report.get("note"):
+        lines += ["", f"note: {report['note']}"]
     return "\n".join(lines)
 

@@ -2,6 +2,7 @@
 import hashlib
 import io
 import json
+import shutil
 import urllib.error
 import zipfile
 from pathlib import Path
@@ -300,6 +301,31 @@ def test_archive_found_in_data_dir(tmp_path):
     assert record["source"] == "data_dir"
     stored = json.loads((data_dir / "raw" / "dsb2018" / "archives.json").read_text())
     assert stored["stage1_train.zip"]["sha256"] == ob.sha256_file(data_dir / "raw" / "dsb2018" / "stage1_train.zip")
+
+
+def test_archives_json_follows_a_replaced_archive(tmp_path, monkeypatch):
+    """obtain records a truncated download; the user puts the real file in its place; verify
+    (which the workflow reruns, as the first verify failed) records the real file in both."""
+    monkeypatch.setattr(DSB2018, "expected_images", 2)
+    data_dir = tmp_path / "data"
+    good = tiny_dsb(tmp_path / "good")
+    archive = data_dir / "raw" / "dsb2018" / "stage1_train.zip"
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    cut_sha = ob.obtain("dsb2018", data_dir, {})["stage1_train.zip"]["sha256"]
+    with pytest.raises(DataError, match="not a readable zip archive"):
+        ob.verify("dsb2018", data_dir, {})
+    shutil.copyfile(good, archive)
+    verified = ob.verify("dsb2018", data_dir, {})["archives"]["stage1_train.zip"]
+    stored = json.loads((data_dir / "raw" / "dsb2018" / "archives.json").read_text())
+    real_sha = ob.sha256_file(good)
+    assert cut_sha != real_sha
+    assert verified["sha256"] == stored["stage1_train.zip"]["sha256"] == real_sha
+    assert stored["stage1_train.zip"]["source"] == "data_dir"
+    # a verify of an unchanged archive leaves archives.json as it was (the workflow's mtimes)
+    before = (data_dir / "raw" / "dsb2018" / "archives.json").stat().st_mtime_ns
+    ob.verify("dsb2018", data_dir, {})
+    assert (data_dir / "raw" / "dsb2018" / "archives.json").stat().st_mtime_ns == before
 
 
 def test_configured_archive_that_does_not_exist(tmp_path):

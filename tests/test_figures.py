@@ -115,3 +115,55 @@ def test_feature_maps_from_real_checkpoints(tmp_path):
     assert [p.name for p in paths] == ["feature_maps.png", "feature_maps.pdf"]
     w, h = Image.open(paths[0]).size
     assert h > 300 and w > 1000  # input, truth and suponly, scheme1, cdcl panels, not a placeholder
+
+
+def test_report_built_twice_is_byte_identical(tmp_path):
+    """Two `semibench report` processes (different hash seeds) on the same runs write the same
+    bytes: stats, tables, every figure's PNG and PDF (seeded jitter, no creation date)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    files = make_runs(tmp_path / "runs")
+    _prepared(tmp_path / "data")
+    _predictions(files)
+    (tmp_path / "c.json").write_text(json.dumps(dict(CONFIG, data_dir=str(tmp_path / "data"))))
+    for out, hash_seed in (("a", "1"), ("b", "2")):
+        r = subprocess.run([sys.executable, "-m", "semibench", "report", "--runs",
+                            str(tmp_path / "runs/**/metrics.json"), "--config",
+                            str(tmp_path / "c.json"), "--out", str(tmp_path / out)],
+                           env=dict(os.environ, PYTHONHASHSEED=hash_seed), capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+    written = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(written) == len(build.STATS_FILES) + len(build.TABLE_FILES) + 2 * len(figures.FIGURES)
+    differ = [str(p) for p in written if (tmp_path / "a" / p).read_bytes() != (tmp_path / "b" / p).read_bytes()]
+    assert differ == []
+    assert b"CreationDate" not in (tmp_path / "a/figures/per_image_dice.pdf").read_bytes()
+
+
+def test_readable_figures(tmp_path):
+    """Overlays three panels wide at any method count; one ratio draws no curve and says so; an
+    ablation scheme's training curve is drawn over CDCL's, dashed."""
+    files = make_runs(tmp_path / "runs")
+    _prepared(tmp_path / "data")
+    _predictions(files)
+    cfg = dict(CONFIG, data_dir=str(tmp_path / "data"))
+    results, plan = build.load(files, cfg)
+    build.write_stats(results, plan, tmp_path / "stats")
+    figures.write_figures(results, plan, tmp_path / "stats", tmp_path / "fig", cfg,
+                          names=["overlays"])
+    w, h = Image.open(tmp_path / "fig" / "overlays.png").size
+    assert 900 < w < 1300 and h > 1.8 * w  # 3 columns of ~330 px; 6 rows: image, 4 methods, FullSup
+    one_ratio = dict(cfg, grid=dict(cfg["grid"], ratios=[32]))
+    results, plan = build.load([f for f in files if "/r8/" not in f.as_posix()], one_ratio)
+    fig = figures.dice_vs_ratio(results, plan, None, None)
+    assert "a curve needs several ratios" in fig._suptitle.get_text()
+    assert "(line)" not in fig._suptitle.get_text()
+    results, plan = build.load(files, cfg)
+    fig = figures.training_curves(results, plan, None, None)
+    ax = fig.axes[0]  # dsb2018 1/32: SupOnly, MeanTeacher, Scheme.1, CDCL
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert lines["Scheme.1"].get_zorder() > lines["CDCL"].get_zorder()
+    assert lines["Scheme.1"].get_linestyle() == "--" and lines["CDCL"].get_linestyle() == "-"

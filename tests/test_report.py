@@ -197,9 +197,20 @@ def test_reader_fallbacks_and_errors(tmp_path):
     assert read_runs([f]).per_image["source_id"].tolist() == ["img0", "img1"]  # falls back to id
     with pytest.raises(DataError, match="two metrics files for monuseg/cdcl/r16/seed4"):
         read_runs([f, f])
-    doc["pooled"] = {"dice": math.nan}
+    doc["pooled"]["dice"] = math.nan  # a value the run could not compute: left out, with a note
     f.write_text(json.dumps(doc))
-    with pytest.raises(DataError, match=r"pooled.dice is missing or not a finite number"):
+    res = read_runs([f])
+    assert res.left_out == [("pooled", "dice", "monuseg/cdcl/r16/seed4: metrics.json pooled.dice "
+                                               "is nan, left out of its cell")]
+    assert not ((res.runs["convention"] == "pooled") & (res.runs["metric"] == "dice")).any()
+    assert len(res.runs[res.runs["convention"] == "pooled"]) == 4  # the other four stay
+    doc["pooled"]["dice"] = "0.5"  # a broken file is still an error
+    f.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"pooled.dice is not a number \('0.5'\)"):
+        read_runs([f])
+    del doc["pooled"]["dice"]
+    f.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"pooled.dice is missing"):
         read_runs([f])
 
 
@@ -256,3 +267,129 @@ def test_methods_beyond_the_paper_are_set_apart():
     from semibench.registry import METHODS
     colours = palette(METHODS.names())
     assert len(set(colours.values())) == len(colours)  # every registered method its own colour
+
+
+# ---------------------------------------------------------------- issue 22: trust in the report
+
+def _report_cli(tmp_path, files, config, *extra) -> tuple[int, str]:
+    """`semibench report` as the workflow runs it (stats --strict, tables); stderr's notes."""
+    import io
+    from contextlib import redirect_stderr
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(config))
+    err = io.StringIO()
+    with redirect_stderr(err):
+        for step in ("stats", "tables"):
+            rc = main(["report", "--metrics", *map(str, files), "--config", str(cfg), "--out",
+                       str(tmp_path / "out"), "--step", step, *(["--strict"] if step == "stats" else []),
+                       *extra])
+            if rc:
+                return rc, err.getvalue()
+    return 0, err.getvalue()
+
+
+def test_nan_tile_and_nan_metrics_json_give_notes_and_a_finished_report(tmp_path):
+    files = make_runs(tmp_path / "runs")
+    run = tmp_path / "runs/dsb2018/meanteacher/r32/seed1"
+    per = pd.read_csv(run / "per_image.csv")
+    per.loc[per["id"] == "img5", "dice"] = np.nan  # a NaN tile (DSB: the image itself)
+    per.to_csv(run / "per_image.csv", index=False)
+    doc = json.loads((tmp_path / "runs/dsb2018/cdcl/r8/seed2/metrics.json").read_text())
+    doc["per_image_mean"]["dice"] = math.nan  # a NaN in metrics.json
+    (tmp_path / "runs/dsb2018/cdcl/r8/seed2/metrics.json").write_text(json.dumps(doc))
+    rc, err = _report_cli(tmp_path, files, CONFIG)
+    assert rc == 0, err
+    assert ("semibench: note: left out: dsb2018/cdcl/r8/seed2: metrics.json per_image_mean.dice "
+            "is nan, left out of its cell") in err
+    assert "1 test sample(s) with NaN DC (dsb2018/meanteacher/r32/seed1 img5)" in err
+    comps = pd.read_csv(tmp_path / "out/stats/comparisons.csv")
+    mt = comps[(comps["a"] == "meanteacher") & (comps["ratio"] == 32)]
+    assert (mt["n_cases"] == 14).all()  # img5 still has seeds 0 and 2
+    assert mt["note"].str.contains("1 (seed, image) pair(s) left out, NaN dice: meanteacher "
+                                   "seed 1 img5", regex=False).all()
+    # Table 1: the cdcl 1/8 DC cell from its two finite seeds, said so under the table
+    t1 = pd.read_csv(tmp_path / "out/tables/table1.csv").set_index(["ratio", "method", "metric"])
+    assert t1.loc[(8, "cdcl", "dice"), "n_seeds"] == 2 and t1.loc[(8, "cdcl", "jaccard"), "n_seeds"] == 3
+    md = (tmp_path / "out/tables/table1.md").read_text()
+    assert "(n=2)" in md and "Left out: dsb2018/cdcl/r8/seed2: metrics.json per_image_mean.dice is nan" in md
+    friedman = pd.read_csv(tmp_path / "out/stats/friedman.csv").set_index("ratio")
+    assert "NaN dice: meanteacher seed 1 img5" in friedman.loc[32, "note"]
+
+
+def test_marks_in_both_directions_and_the_footnote(tmp_path):
+    """Reference MeanTeacher, baseline CDCL: CDCL is significantly above the reference (§), SupOnly
+    below it (†), SupOnly and MeanTeacher below the baseline (¶)."""
+    cfg = dict(CONFIG, report=dict(CONFIG["report"], reference="meanteacher", baseline="cdcl"))
+    t1, comps = _table(tmp_path, make_runs(tmp_path / "runs"), cfg)
+    marks = t1[t1["metric"] == "dice"].set_index(["ratio", "method"])["mark"].fillna("").to_dict()
+    assert marks[(32, "cdcl")] == "§" and marks[(32, "suponly")] == "†¶"
+    assert marks[(32, "meanteacher")] == "¶" and marks[(1, "fullsup")] == ""
+    md = (tmp_path / "tables" / "table1.md").read_text()
+    assert "† / § DC significantly below / above MeanTeacher; ‡ / ¶ significantly above / below CDCL" in md
+    assert "zsplit" not in md and "an image with no difference counting half to each side" in md
+    tex = (tmp_path / "tables" / "table1.tex").read_text()
+    assert r"$^{\S}$" in tex and r"$^{\dagger}$$^{\P}$" in tex
+
+
+def test_footnote_counts_the_seeds_found(tmp_path):
+    one_seed = [f for f in make_runs(tmp_path / "runs") if "/seed0/" in f.as_posix()]
+    _table(tmp_path, one_seed)  # the config asks for 3 seeds
+    md = (tmp_path / "tables" / "table1.md").read_text()
+    assert "One seed per cell: no spread." in md and "With 3 seeds" not in md
+    mixed = make_runs(tmp_path / "runs2", skip={("cdcl", 8, 2)})
+    _table(tmp_path / "m", mixed)
+    md = (tmp_path / "m" / "tables" / "table1.md").read_text()
+    assert ("With 2–3 seeds per cell (n shown where fewer than configured) the std is imprecise "
+            "(95 % CI of σ: 2 seeds: 0.45·s to 31.9·s, 3 seeds: 0.52·s to 6.3·s)") in md
+
+
+def test_grid_without_the_baseline_is_reported_with_a_note(tmp_path):
+    """grid.methods [meanteacher, cdcl] (a new user's first grid): no SupOnly run anywhere. The
+    report says what it leaves out instead of failing in the stats step."""
+    from semibench.report.plan import plan_from_config
+
+    cfg = {**CONFIG, "grid": dict(CONFIG["grid"], methods=["meanteacher", "cdcl"])}
+    plan = plan_from_config(cfg)
+    assert plan.left_out() == [
+        "family vs_baseline (SupOnly, report.baseline, is not in grid.methods)",
+        "Table 2 row SupOnly (report.baseline: the grid does not train it at the ablation's "
+        "cells; add it to grid.methods and the ablation's datasets and ratios to the grid)"]
+    assert plan.ablation.methods == ("cdcl-scheme1", "cdcl")
+    files = [f for f in make_runs(tmp_path / "runs") if "/suponly/" not in f.as_posix()]
+    rc, err = _report_cli(tmp_path, files, cfg)
+    assert rc == 0, err
+    assert "semibench: note: left out: family vs_baseline (SupOnly, report.baseline" in err
+    comps = pd.read_csv(tmp_path / "out/stats/comparisons.csv")
+    assert set(comps["family"]) == {"vs_reference", "ablation"} and comps["p"].notna().all()
+    md = (tmp_path / "out/tables/table1.md").read_text()
+    assert "Left out: family vs_baseline (SupOnly, report.baseline, is not in grid.methods)" in md
+    assert "‡" not in md.split("Cells:")[1]  # the footnote explains no baseline mark
+    t2 = (tmp_path / "out/tables/table2.md").read_text()
+    assert "| SupOnly |" not in t2 and "Left out: Table 2 row SupOnly" in t2
+    # ablation seeds the grid does not train: those comparisons are left out, not failed
+    cfg2 = {**CONFIG, "ablation": dict(CONFIG["ablation"], seeds=[0, 1, 2, 3])}
+    plan2 = plan_from_config(cfg2)
+    assert plan2.left_out() == [
+        "1 comparison(s) of family ablation (Scheme.1 vs CDCL at dsb2018 1/32: the config trains "
+        "cdcl-scheme1 on seeds [0, 1, 2, 3] and cdcl on seeds [0, 1, 2] at dsb2018 1/32: no "
+        "paired test)"]
+    files2 = make_runs(tmp_path / "runs2") + [write_run(tmp_path / "runs2", "dsb2018", "cdcl-scheme1",
+                                                        32, 3, np.full(14, 0.7))]
+    results, plan = build.load(files2, cfg2)
+    comps2 = build.compute_stats(results, plan, strict=True)["comparisons"]  # no error
+    row = comps2[comps2["a"] == "cdcl-scheme1"].iloc[0]
+    assert np.isnan(row["p"]) and row["note"].startswith("left out: the config trains cdcl-scheme1")
+
+
+def test_comparisons_page_in_points_with_stable_ids(tmp_path):
+    _table(tmp_path, make_runs(tmp_path / "runs"))
+    page = (tmp_path / "stats" / "comparisons.html").read_text()
+    comps = pd.read_csv(tmp_path / "stats" / "comparisons.csv")
+    row = comps[(comps["a"] == "suponly") & (comps["ratio"] == 32)].iloc[0]
+    seed0 = float(row["seed_deltas"].split()[0].split(":")[1])
+    assert f"s0 {seed0 * 100:+.2f}" in page  # per-seed Δ in points, as Δ and its CI
+    assert "per-seed Δ (pts)" in page and "Table 1's difference of two cells averages differently" in page
+    assert "zsplit" not in page and "T_comparisons" in page
+    _table(tmp_path / "again", make_runs(tmp_path / "runs2"))
+    assert (tmp_path / "again" / "stats" / "comparisons.html").read_text() == page

@@ -44,9 +44,9 @@ def _brute_force_p(d) -> float:
 
 def test_exact_p_matches_scipy_and_brute_force():
     d = np.array([0.11, -0.02, 0.35, 0.07, 0.21, -0.05, 0.16, 0.09, 0.3, 0.04])  # no ties or zeros
-    w, p, test = stats.signed_rank(d, OPT)
+    w, p, test, resamples = stats.signed_rank(d, OPT)
     ref = st.wilcoxon(d, method="exact")
-    assert test == "Wilcoxon exact"
+    assert test == "Wilcoxon exact" and resamples is None
     assert p == pytest.approx(ref.pvalue, rel=1e-12) and w == ref.statistic
     assert p == pytest.approx(_brute_force_p(d), rel=1e-12)
     # W = min(R+, R-): the negatives have ranks 1 (0.02) and 3 (0.05) -> 4
@@ -55,9 +55,12 @@ def test_exact_p_matches_scipy_and_brute_force():
 
 def test_ties_and_zeros_use_the_exact_permutation_distribution():
     d = np.array([0.1, -0.1, 0.2, 0.2, 0.0, 0.3, 0.15, -0.02, 0.0])  # ties and two zeros
-    w, p, test = stats.signed_rank(d, OPT)
-    assert "exact enumeration" in test  # 2^9 < 9999 sign flips
+    w, p, test, resamples = stats.signed_rank(d, OPT)
+    assert test == "Wilcoxon exact (all 512 sign flips)" and resamples == 2 ** 9
     assert p == pytest.approx(_brute_force_p(d), rel=1e-9)
+    assert p == pytest.approx(st.wilcoxon(d, zero_method="zsplit", method=st.PermutationMethod(
+        n_resamples=2 ** 9)).pvalue, rel=1e-12)  # scipy's own sign-flip test
+    assert w == st.wilcoxon(d, zero_method="zsplit").statistic
     # zeros are split, not dropped: dropping them (scipy's default "wilcox") gives another p
     assert p != pytest.approx(st.wilcoxon(d[d != 0], method="exact").pvalue)
     # roundoff must not create ties that are not there: 0.3 - 0.1 vs 0.2 exactly
@@ -66,11 +69,11 @@ def test_ties_and_zeros_use_the_exact_permutation_distribution():
 
 
 def test_all_zero_differences_and_large_n():
-    assert stats.signed_rank(np.zeros(14), OPT)[1:] == (1.0, "none (all differences zero)")
+    assert stats.signed_rank(np.zeros(14), OPT)[1:] == (1.0, "none (all differences zero)", None)
     rng = np.random.default_rng(1)
     d = np.round(rng.normal(0.01, 0.05, 300), 3)
-    w, p, test = stats.signed_rank(d, OPT)
-    assert test == "Wilcoxon normal approximation"
+    w, p, test, resamples = stats.signed_rank(d, OPT)
+    assert test == "Wilcoxon normal approximation" and resamples is None
     assert p == pytest.approx(st.wilcoxon(d, zero_method="zsplit", method="asymptotic").pvalue)
 
 
@@ -117,7 +120,7 @@ def test_monuseg_tiles_reduce_to_images_and_duplicates_change_nothing():
     assert r1["p"] == pytest.approx(st.wilcoxon(d, method="exact").pvalue)
     # per-seed deltas and the sign agreement
     for s in range(3):
-        assert f"s{s}:{(a[s] - b[s]).mean():+.4f}" in r1["seed_deltas"]
+        assert f"s{s}:{(a[s] - b[s]).mean():+.6f}" in r1["seed_deltas"]
     k = int(np.sum(np.sign((a - b).mean(1)) == np.sign(d.mean())))
     assert r1["seeds_same_sign"] == f"{k}/3"
 
@@ -182,8 +185,7 @@ def test_friedman_and_pairwise_against_scipy():
     x = rng.uniform(0.5, 0.9, 12)
     vals = {"a": x + 0.05, "b": x + rng.normal(0, 0.02, 12), "c": x - 0.04}
     seed_level = stats.seed_cases(_per_image(vals), "dice")
-    cases = stats.case_values(seed_level)
-    omni, pairs = stats.friedman(cases, seed_level, [("monuseg", 32)], ["a", "b", "c"], options=OPT)
+    omni, pairs = stats.friedman(seed_level, [("monuseg", 32)], ["a", "b", "c"], options=OPT)
     ref = st.friedmanchisquare(vals["a"], vals["b"], vals["c"])
     row = omni.iloc[0]
     assert row["chi2"] == pytest.approx(ref.statistic) and row["p"] == pytest.approx(ref.pvalue)
@@ -199,8 +201,8 @@ def test_ranking_stability():
     rng = np.random.default_rng(2)
     x = rng.uniform(0.5, 0.9, 20)
     vals = {"best": x + 0.2, "mid": x + rng.normal(0, 0.01, 20), "mid2": x + rng.normal(0, 0.01, 20)}
-    cases = stats.case_values(stats.seed_cases(_per_image(vals), "dice"))
-    freq, summary = stats.ranking_stability(cases, [("monuseg", 32)], list(vals), options=OPT)
+    seed_level = stats.seed_cases(_per_image(vals), "dice")
+    freq, summary = stats.ranking_stability(seed_level, [("monuseg", 32)], list(vals), options=OPT)
     s = summary.set_index("method")
     assert s.loc["best", "winner_freq"] == 1.0 and s.loc["best", "rank_full"] == 1
     assert s.loc["mid", "winner_freq"] == 0.0
@@ -208,4 +210,147 @@ def test_ranking_stability():
     np.testing.assert_allclose(per_method, 1.0)  # one rank per resample
     assert 0.0 < s["kendall_tau"].iloc[0] <= 1.0
     # same seed -> same numbers
-    assert stats.ranking_stability(cases, [("monuseg", 32)], list(vals), options=OPT)[1].equals(summary)
+    assert stats.ranking_stability(seed_level, [("monuseg", 32)], list(vals), options=OPT)[1].equals(summary)
+
+
+# ---------------------------------------------------------------- exact p, NaN, pairing (issue 22)
+
+# 14 MoNuSeg-like images: one zero difference and tied |d| (0.032 twice, 0.01 three times)
+MONUSEG_D = np.array([0.0, 0.032, 0.032, -0.01, -0.009, 0.01, 0.01, 0.029, -0.007, 0.024, 0.043,
+                      -0.005, 0.031, -0.006])
+
+
+def _hand_enumeration_p(d) -> float:
+    """Every one of the 2^n sign vectors, R+ with a zero's rank split in half, two-sided p as
+    twice the smaller tail (scipy's definition), counted exactly."""
+    d = np.asarray(d, float)
+    ranks = st.rankdata(np.abs(d))
+
+    def r_plus(x):
+        return ranks[x > 0].sum() + ranks[x == 0].sum() / 2
+
+    observed = r_plus(d)
+    null = [r_plus(d * np.array(signs)) for signs in itertools.product((1, -1), repeat=d.size)]
+    low = sum(t <= observed + 1e-9 for t in null)
+    high = sum(t >= observed - 1e-9 for t in null)
+    return min(1.0, 2 * min(low, high) / len(null))
+
+
+def test_monuseg_like_exact_p_is_the_same_for_every_report_seed():
+    expected = _hand_enumeration_p(MONUSEG_D)
+    assert expected == 860 / 16384  # 0.0525: just above alpha
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.6, 0.8, 14)
+    frame = _per_image({"x": base + MONUSEG_D, "cdcl": base}, tiles=16)  # 16 tiles per image
+    seed_level = stats.seed_cases(frame, "dice")
+    for seed in (0, 1, 2, 99):
+        row = stats.compare(seed_level, "monuseg", 32, "x", "cdcl", StatOptions(seed=seed))
+        assert row["n_cases"] == 14 and row["p"] == expected
+        assert row["test"] == "Wilcoxon exact (all 16384 sign flips)" and row["resamples"] == 16384
+    # what the report did before: 9999 random flips, p on either side of 0.05 with the seed
+    old = {s: stats.sign_flip_p(MONUSEG_D, 9999, s) for s in range(10)}
+    assert len(set(old.values())) > 1 and min(old.values()) < 0.05 < max(old.values())
+
+
+def test_resampling_only_above_twenty_images():
+    rng = np.random.default_rng(3)
+    d = np.round(rng.normal(0.01, 0.03, 30), 2)  # 2 decimals: ties
+    d[0] = 0.0
+    w, p, test, resamples = stats.signed_rank(d, StatOptions(n_resamples=999, seed=4))
+    assert test == "Wilcoxon sign-flip resampling (999 random flips, seed 4)" and resamples == 999
+    assert stats.signed_rank(d[:21], OPT).resamples == 9999
+    assert stats.signed_rank(d[:20], OPT)[2:] == ("Wilcoxon exact (all 1048576 sign flips)", 2 ** 20)
+
+
+def test_nan_tile_leaves_its_image_out_with_a_note():
+    rng = np.random.default_rng(6)
+    a = rng.uniform(0.6, 0.8, 14)
+    b = a - rng.normal(0.02, 0.01, 14)
+    frame = _per_image({"x": a, "cdcl": b}, tiles=4)
+    frame.loc[(frame["method"] == "x") & (frame["id"] == "img3_r2_c0"), "dice"] = np.nan
+    seed_level = stats.seed_cases(frame, "dice")
+    row = stats.compare(seed_level, "monuseg", 32, "x", "cdcl", OPT)
+    assert row["n_cases"] == 13
+    assert row["note"] == "1 (seed, image) pair(s) left out, NaN dice: x seed 0 img3 (sample img3_r2_c0)"
+    # the same as leaving the image out of both methods by hand
+    without = stats.seed_cases(frame[frame["source_id"] != "img3"], "dice")
+    by_hand = stats.compare(without, "monuseg", 32, "x", "cdcl", OPT)
+    assert (row["p"], row["delta"], row["W"]) == (by_hand["p"], by_hand["delta"], by_hand["W"])
+    # a NaN on every image: reported untested, never an error (even under strict families)
+    frame["dice"] = np.where(frame["method"] == "x", np.nan, frame["dice"])
+    fam = Family("vs_reference", "cdcl", ("x",), (("monuseg", 32),))
+    out = stats.run_families(stats.seed_cases(frame, "dice"), [fam], "dice", OPT, strict=True)
+    assert np.isnan(out["p"].iloc[0]) and out["note"].iloc[0].startswith(
+        "not tested: no (seed, image) pair with a value on both sides; 14 (seed, image) pair(s) "
+        "left out, NaN dice: x seed 0 img0 (sample img0_r0_c0 img0_r1_c0 img0_r2_c0 img0_r3_c0)")
+
+
+def _dsb_like(n_methods=3, seeds=(0, 1, 2)) -> pd.DataFrame:
+    """A DSB-like cell: each seed's test set draws 12 of 20 images (so images have 1-3 seeds)."""
+    rng = np.random.default_rng(11)
+    quality = rng.uniform(0.6, 0.9, 20)
+    rows = []
+    for seed in seeds:
+        images = sorted(rng.choice(20, 12, replace=False))
+        for j in range(n_methods):
+            for i in images:
+                rows.append({"dataset": "dsb2018", "ratio": 8, "method": f"m{j}", "seed": seed,
+                             "id": f"im{i:02d}", "source_id": f"im{i:02d}",
+                             "dice": quality[i] + 0.02 * j + rng.normal(0, 0.03)})
+    return pd.DataFrame(rows)
+
+
+def _friedman_row(frame, methods=("m0", "m1", "m2")):
+    omni, pairs = stats.friedman(stats.seed_cases(frame, "dice"), [("dsb2018", 8)], list(methods),
+                                 options=OPT)
+    return omni.iloc[0], pairs
+
+
+@pytest.mark.parametrize("case", ["missing file", "one seed", "NaN image"])
+def test_friedman_on_the_explicitly_paired_subset(case):
+    full = _dsb_like()
+    if case == "missing file":  # m2's seed-1 per_image.csv is gone
+        frame = full[~((full["method"] == "m2") & (full["seed"] == 1))]
+        paired = full[full["seed"] != 1]
+        expect = "m2 lacks seed 1: 12 image(s)"
+    elif case == "one seed":  # m2 ran seed 0 only
+        frame = full[(full["method"] != "m2") | (full["seed"] == 0)]
+        paired = full[full["seed"] == 0]
+        expect = "m2 lacks seed 1: 12 image(s) (im"
+    else:  # one image of m1 in seed 2 is NaN
+        image = full[full["seed"] == 2]["source_id"].iloc[0]
+        frame = full.copy()
+        frame.loc[(frame["method"] == "m1") & (frame["seed"] == 2) & (frame["source_id"] == image),
+                  "dice"] = np.nan
+        paired = full[~((full["seed"] == 2) & (full["source_id"] == image))]
+        expect = f"NaN dice: m1 seed 2 {image}"
+    row, pairs = _friedman_row(frame)
+    ref, ref_pairs = _friedman_row(paired)
+    assert ref["note"] == ""  # the explicit subset is complete
+    assert (row["n_cases"], row["chi2"], row["p"]) == (ref["n_cases"], ref["chi2"], ref["p"])
+    assert [row[f"rank_m{j}"] for j in range(3)] == [ref[f"rank_m{j}"] for j in range(3)]
+    assert expect in row["note"] and row["note"].startswith("on the ")
+    np.testing.assert_array_equal(pairs["p"], ref_pairs["p"])  # the CD diagram's pairwise tests
+    _, summary = stats.ranking_stability(stats.seed_cases(frame, "dice"), [("dsb2018", 8)],
+                                         ["m0", "m1", "m2"], options=OPT)
+    _, ref_summary = stats.ranking_stability(stats.seed_cases(paired, "dice"), [("dsb2018", 8)],
+                                             ["m0", "m1", "m2"], options=OPT)
+    pd.testing.assert_frame_equal(summary, ref_summary)
+
+
+def test_friedman_drops_a_method_without_results_and_says_so():
+    row, pairs = _friedman_row(_dsb_like(n_methods=3), methods=("m0", "m1", "m2", "gone"))
+    ref, _ = _friedman_row(_dsb_like(n_methods=3))
+    assert row["k"] == 3 and row["chi2"] == ref["chi2"] and row["methods"] == "m0 m1 m2"
+    assert "gone left out (no per-image results)" in row["note"]
+
+
+def test_sign_disagreement_is_explained():
+    # two large gains, six small losses: mean > 0, rank-biserial r < 0
+    d = np.array([0.5, 0.4, -0.01, -0.02, -0.03, -0.04, -0.05, -0.06])
+    base = np.full(8, 0.4)
+    row = stats.compare(stats.seed_cases(_per_image({"x": base + d, "y": base}), "dice"),
+                        "monuseg", 32, "x", "y", OPT)
+    assert row["delta"] > 0 > row["rbc"] == pytest.approx((15 - 21) / 36)
+    assert row["note"].startswith("Δ and r disagree in sign: the method gains on a few images "
+                                  "and loses on most")

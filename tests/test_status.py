@@ -12,8 +12,8 @@ import yaml
 
 from semibench import cli
 from semibench.config import deep_merge, load_workflow_config
-from semibench.status import (STATES, command_run_dir, grid_status, live_run_dirs, log_error,
-                              read_jsonl)
+from semibench.status import (HOST_FILE, STATES, command_run_dir, grid_status, live_run_dirs,
+                              log_error, read_jsonl, write_host_file)
 
 # 4 epochs of 10 iterations; suponly/fullsup draw 4 images per step (labeled only), meanteacher
 # 4 + 2 (one unlabeled batch)
@@ -75,11 +75,13 @@ def tree(tmp_path):
               lines=[train_line(e, (e + 1) * 10, 40.0) for e in range(4)],
               done={"epochs": 4, "iterations_per_epoch": 10, "timings": {"total_s": 120.0}})
     (tmp_path / "results/runs/synthetic/suponly/r8/seed0/metrics.json").write_text("{}")
-    # running: written a minute ago, in epoch 2 (two epochs finished), at iteration 25
-    write_run(tmp_path, "synthetic/suponly/r8/seed1", now, 60, files=["checkpoint.pt", "best.pt"],
-              lines=[train_line(0, 3, 1000.0), train_line(0, 5, 40.0), train_line(0, 10, 40.0),
-                     epoch_line(0, val_s=2.0), train_line(1, 15, 20.0), train_line(1, 20, 30.0),
-                     epoch_line(1, val_s=4.0), train_line(2, 25, 50.0)])
+    # running on another host of a shared file system: written a minute ago, in epoch 2 (two
+    # epochs finished), at iteration 25
+    run = write_run(tmp_path, "synthetic/suponly/r8/seed1", now, 60, files=["checkpoint.pt", "best.pt"],
+                    lines=[train_line(0, 3, 1000.0), train_line(0, 5, 40.0), train_line(0, 10, 40.0),
+                           epoch_line(0, val_s=2.0), train_line(1, 15, 20.0), train_line(1, 20, 30.0),
+                           epoch_line(1, val_s=4.0), train_line(2, 25, 50.0)])
+    (run / HOST_FILE).write_text(json.dumps({"host": "node7", "pid": 99}))
     # interrupted an hour ago in epoch 2 (the cut epoch is replayed on resume)
     write_run(tmp_path, "synthetic/meanteacher/r8/seed0", now, 3600, files=["checkpoint.pt"],
               lines=[train_line(0, 10, 60.0), epoch_line(0, val_s=1.0), train_line(1, 20, 30.0),
@@ -143,7 +145,8 @@ def test_each_state_epochs_and_eta(tree):
         "synthetic/cdcl/r8/seed0": (0, 4), "dsb2018/cdcl/r8/seed0": (0, 4)}
 
     running = runs["synthetic/suponly/r8/seed1"]
-    assert running["running"] == {"via": "train.jsonl", "age_s": pytest.approx(60, abs=0.1)}
+    assert running["running"] == {"via": "train.jsonl", "age_s": pytest.approx(60, abs=0.1),
+                                  "host": "node7"}
     failed = runs["synthetic/meanteacher/r8/seed1"]
     assert failed["error"] == {"line": ERROR, "log": str(
         root / "logs/train/synthetic/meanteacher/r8/seed1.log")}
@@ -171,8 +174,9 @@ def test_json_schema(tree):
     report = grid_status(FULL_CONFIG, root / "results/runs", root / "logs", now=now,
                          proc_root=root / "noproc")
     assert json.loads(json.dumps(report)) == report  # plain JSON types only
-    assert set(report) == {"schema", "generated_at", "runs_dir", "logs_dir", "total", "counts",
-                           "eta", "runs"}
+    assert set(report) == {"schema", "generated_at", "runs_dir", "logs_dir", "config_files",
+                           "note", "total", "counts", "eta", "runs"}
+    assert report["note"] is None  # some of the config's runs are on disk
     assert report["schema"] == "semibench.status/1"
     assert set(report["counts"]) == set(STATES)
     assert set(report["eta"]) == {"remaining_s", "jobs", "eta_s", "runs_without_estimate"}
@@ -205,6 +209,7 @@ def test_plain_text_and_cli(tree, monkeypatch, capsys):
         ["missing", "synthetic", "cdcl", "1/8", "0", "0/4"]]
     assert lines[9].split()[:8] == ["missing", "dsb2018", "cdcl", "1/8", "0", "0/4", "?", "none"]
     assert table[1][6:9] == ["8s", "own", "train.jsonl"]  # 7.67 s rounds to 8
+    assert lines[3].endswith("train.jsonl written 1m00s ago on node7")
     assert table[3][6:8] == ["9s", "own"]
     assert lines[5].endswith(f"  logs/train/synthetic/meanteacher/r8/seed1.log: {ERROR}")
     assert table[5][6:8] == ["1m30s", "dataset+method"]
@@ -259,7 +264,11 @@ def test_stale_log_and_finished_training(tree):
     the evaluate log can make a run failed; a fresh train.jsonl of a trained run is not running."""
     root, now = tree
     runs = root / "results/runs"
-    os.utime(runs / "synthetic/meanteacher/r8/seed1/train.jsonl", (now - 100, now - 100))
+    restarted = runs / "synthetic/meanteacher/r8/seed1"
+    os.utime(restarted / "train.jsonl", (now - 100, now - 100))
+    report = grid_status(FULL_CONFIG, runs, root / "logs", now=now, proc_root=root / "noproc")
+    assert by_dir(report)["synthetic/meanteacher/r8/seed1"]["state"] == "interrupted"  # this host
+    (restarted / HOST_FILE).write_text(json.dumps({"host": "node7", "pid": 1}))
     report = grid_status(FULL_CONFIG, runs, root / "logs", now=now, proc_root=root / "noproc")
     assert by_dir(report)["synthetic/meanteacher/r8/seed1"]["state"] == "running"  # fresh again
     report = grid_status(FULL_CONFIG, runs, root / "logs", now=now, fresh_minutes=1,
@@ -310,3 +319,72 @@ def test_read_jsonl_skips_a_cut_line(tree):
 ])
 def test_command_run_dir(argv, expected):
     assert command_run_dir(argv, "/w") == expected
+
+
+def test_killed_run_is_interrupted_however_fresh(tmp_path):
+    """A `semibench train` process on a run, then SIGKILL: the run's files are seconds old, and
+    this host knows no process runs it, so it is interrupted (the freshness rule is for runs
+    started on other hosts)."""
+    import signal
+    import subprocess
+    import sys
+
+    run = tmp_path / "results/runs/synthetic/suponly/r8/seed0"
+    write_host_file(run)  # as `semibench train` does first
+    (run / "config.json").write_text(json.dumps({"train": TRAIN}))
+    (run / "train.jsonl").write_text(json.dumps(train_line(0, 3, 40.0)) + "\n")
+    (run / "checkpoint.pt").write_bytes(b"")
+    # a live process whose command line is `... semibench train --out <run>` (it sleeps instead)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "semibench",
+                             "train", "--out", str(run)])
+    try:
+        def state():
+            report = grid_status(FULL_CONFIG, tmp_path / "results/runs", tmp_path / "logs")
+            return by_dir(report)["synthetic/suponly/r8/seed0"]
+
+        assert state()["running"] == {"via": "process", "pid": proc.pid}
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    after = state()
+    assert (after["state"], after["running"]) == ("interrupted", None)
+    assert time.time() - (run / "train.jsonl").stat().st_mtime < 600  # still "fresh"
+
+
+def test_closed_pipe_exits_quietly(tmp_path):
+    """`semibench status --json | head`: the reader closes the pipe first; no traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "semibench", "status", "--json"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the report is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0
+    assert err == ""
+
+
+def test_config_matching_no_run_says_which_config_and_how(tmp_path, monkeypatch, capsys):
+    """The quick start's runs on disk, a plain `semibench status` reads the paper grid."""
+    import shutil
+
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    quick = deep_merge(load_workflow_config([ROOT / "config" / "config.yaml"]),
+                       load_workflow_config([ROOT / "config" / "quick.yaml"]))
+    from semibench.grid import all_runs
+    quick_runs = all_runs(quick)
+    for r in quick_runs:
+        write_run(tmp_path, r.rel_dir(), time.time(), 7200, files=["checkpoint.pt"])
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("186 runs: 0 done") and out[0].endswith("186 missing")
+    assert out[-1] == (
+        f"note: none of the 186 runs of config/config.yaml is under results/runs, which holds "
+        f"{len(quick_runs)} other run(s), e.g. synthetic/cac/r8/seed0: pass the config the "
+        f"workflow ran with, e.g. `semibench status --config FILE` as in `snakemake --configfile "
+        f"FILE` (config/quick.yaml selects {len(quick_runs)} of them)")
+    assert cli.main(["status", "--config", "config/quick.yaml", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["note"] is None and report["counts"]["interrupted"] == len(quick_runs)
+    assert report["config_files"] == ["config/config.yaml", "config/quick.yaml"]

@@ -170,6 +170,53 @@ def test_quick_workflow_end_to_end(workdir):
     again = snakemake("-n", "--cores", "2", "--configfile", "config/quick.yaml", cwd=workdir)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
+    # .gitignore covers everything the workflow wrote: git status lists only the shipped files
+    shutil.copy2(ROOT / ".gitignore", workdir / ".gitignore")
+    subprocess.run(["git", "init", "-q"], cwd=workdir, check=True)
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=workdir,
+                            capture_output=True, text=True, check=True).stdout
+    shipped = {p.relative_to(workdir).as_posix() for name in (*WORKFLOW_FILES, ".gitignore")
+               for p in ([workdir / name] if (workdir / name).is_file() else (workdir / name).rglob("*"))
+               if p.is_file() and "__pycache__" not in p.parts}
+    assert {line[3:] for line in status.splitlines()} - shipped == set()
+
+
+# A grid as a new user writes it: no report.baseline (suponly) anywhere. Tiny: 3 runs of 2 steps.
+NO_BASELINE = """
+grid: {datasets: [synthetic], methods: [meanteacher, cdcl], ratios: [8], fullsup: false, seeds: [0]}
+ablation: {datasets: [synthetic], methods: [cdcl-scheme4], ratios: [8], seeds: [0]}
+datasets: {synthetic: {count: 32}}
+train: {epochs: 1, iters_per_epoch: 2, batch_labeled: 2, batch_unlabeled: 2, unsup_start_epoch: 0}
+"""
+
+
+@pytest.mark.workflow
+@pytest.mark.timeout(600)
+def test_grid_without_the_baseline_says_what_the_report_leaves_out(workdir):
+    (workdir / "nobase.yaml").write_text(NO_BASELINE)
+    args = ("--cores", "2", "--configfile", "config/quick.yaml", "nobase.yaml")
+    dry = snakemake("-n", *args, cwd=workdir)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    notes = [line for line in dry.stderr.splitlines() if line.startswith("semibench: note:")]
+    assert notes == [
+        "semibench: note: the report will leave out family vs_baseline (SupOnly, report.baseline, "
+        "is not in grid.methods); Table 2 row SupOnly (report.baseline: the grid does not train it "
+        "at the ablation's cells; add it to grid.methods and the ablation's datasets and ratios to "
+        "the grid)"]
+    assert job_counts(dry.stdout + dry.stderr)["train"] == 3  # no suponly run is added
+    assert not (workdir / "results" / "runs").exists()  # said before any training
+
+    out = snakemake(*args, cwd=workdir, timeout=600)
+    assert out.returncode == 0, out.stderr[-5000:]
+    table1 = (workdir / "results/tables/table1.md").read_text()
+    assert "Left out: family vs_baseline (SupOnly, report.baseline, is not in grid.methods)." in table1
+    table2 = (workdir / "results/tables/table2.md").read_text()
+    assert "| SupOnly |" not in table2 and "| Scheme.4 |" in table2 and "| CDCL |" in table2
+    assert "Left out: Table 2 row SupOnly" in table2
+    comparisons = (workdir / "results/stats/comparisons.csv").read_text().splitlines()
+    assert {line.split(",")[0] for line in comparisons[1:]} == {"vs_reference", "ablation"}
+    assert not (workdir / "results/runs/synthetic/suponly").exists()
+
 
 def _readme_block(title: str) -> str:
     """The single command in the first ```bash block after the heading ``## <title>``."""

@@ -67,8 +67,8 @@ def compute_stats(results: Results, plan: ReportPlan, strict: bool = False) -> d
     omni, pairs, freq, summ = [], [], [], []
     for d, k in _cells(plan):
         methods = _tested_methods(plan, d, k)
-        o, p = stats.friedman(cases, seed_level, [(d, k)], methods, hib, plan.options)
-        f, s = stats.ranking_stability(cases, [(d, k)], methods, hib, plan.options)
+        o, p = stats.friedman(seed_level, [(d, k)], methods, hib, plan.options)
+        f, s = stats.ranking_stability(seed_level, [(d, k)], methods, hib, plan.options)
         omni.append(o), pairs.append(p), freq.append(f), summ.append(s)
     cat = lambda xs: pd.concat([x for x in xs if not x.empty], ignore_index=True) \
         if any(not x.empty for x in xs) else pd.DataFrame()
@@ -76,34 +76,93 @@ def compute_stats(results: Results, plan: ReportPlan, strict: bool = False) -> d
             "ranking": cat(summ), "ranking_freq": cat(freq), "cases": cases}
 
 
-def _comparisons_html(frame: pd.DataFrame, plan: ReportPlan, abbrev) -> str:
+def report_notes(results: Results, plan: ReportPlan) -> list[str]:
+    """Everything left out of the report, what the config does not train and what is NaN."""
+    return plan.left_out() + data_notes(results, plan)
+
+
+def data_notes(results: Results, plan: ReportPlan, section=None, limit: int = 3) -> list[str]:
+    """The values left out because they are NaN (metrics.json values of the tables' convention,
+    per-image samples of the tested metric), for the runs of ``section`` (all when None)."""
+    def inside(d, m):
+        return section is None or (d in section.datasets and m in section.methods)
+
+    notes = [msg for conv, metric, msg in results.left_out
+             if conv == plan.convention and inside(*msg.split("/")[:2])]
+    per = results.per_image
+    if plan.metric in per.columns:
+        nan = per[per[plan.metric].isna()]
+        nan = nan[[inside(d, m) for d, m in zip(nan["dataset"], nan["method"])]]
+        if not nan.empty:
+            shown = ", ".join(f"{r.dataset}/{r.method}/r{r.ratio}/seed{r.seed} {r.id}"
+                              for r in nan.head(limit).itertuples())
+            more = f" and {len(nan) - limit} more" if len(nan) > limit else ""
+            notes.append(f"{len(nan)} test sample(s) with NaN {results.abbrev(plan.metric)} "
+                         f"({shown}{more}): their images are left out of the tests in those "
+                         f"seeds, the comparisons' notes say where")
+    return notes
+
+
+def _seed_deltas_points(text) -> str:
+    """'s0:+0.013474 s1:-0.002000' (fractions, as in the CSV) -> 's0 +1.35, s1 −0.20' (points)."""
+    if not isinstance(text, str) or not text:
+        return ""
+    parts = []
+    for item in text.split():
+        seed, value = item.split(":")
+        parts.append(f"{seed} {float(value) * 100:+.2f}")
+    return ", ".join(parts)
+
+
+def _comparisons_html(frame: pd.DataFrame, plan: ReportPlan, abbrev, notes=()) -> str:
     show = frame.copy()
     for c in ("delta", "ci_low", "ci_high", "t_low", "t_high"):
         show[c] = show[c] * 100
     show["a"] = show["a"].map(display)
     show["b"] = show["b"].map(display)
+    show["seed_deltas"] = show["seed_deltas"].map(_seed_deltas_points)
+    metric = abbrev(plan.metric)
     cols = {"family": "family", "dataset": "dataset", "ratio": "1/k", "a": "method",
-            "b": "vs", "n_cases": "n images", "delta": f"Δ{abbrev(plan.metric)} (pts)",
-            "ci_low": "95% CI low", "ci_high": "95% CI high", "W": "W", "p": "p",
+            "b": "vs", "n_cases": "n images", "delta": f"Δ{metric} (pts)",
+            "ci_low": "95% CI low (pts)", "ci_high": "95% CI high (pts)", "W": "W", "p": "p",
             "p_holm": "p Holm", "rbc": "r (rank-biserial)", "seeds_same_sign": "same sign (seeds)",
-            "seed_deltas": "per-seed Δ", "test": "test", "note": "note"}
+            "seed_deltas": "per-seed Δ (pts)", "test": "test", "note": "note"}
     show = show[list(cols)].rename(columns=cols)
     fmt = {cols["delta"]: "{:+.2f}", cols["ci_low"]: "{:+.2f}", cols["ci_high"]: "{:+.2f}",
            "W": "{:.1f}", "p": "{:.2g}", "p Holm": "{:.2g}", cols["rbc"]: "{:+.2f}"}
-    styler = show.style.format(fmt, na_rep="—").hide(axis="index")
+    styler = show.style.format(fmt, na_rep="—").hide(axis="index").set_uuid("comparisons")
     styler = styler.apply(lambda col: ["font-weight: bold" if v else "" for v in
                                        (frame["significant"].fillna(False).astype(bool))],
                           subset=["p Holm"])
-    intro = (f"<p>Paired two-sided Wilcoxon signed-rank tests (zero_method zsplit) on per-source-"
-             f"image {html.escape(abbrev(plan.metric))} averaged over seeds; Holm within family and "
-             f"dataset; bold p Holm &lt; {plan.options.alpha}. Δ = method − vs, in points (×100), "
-             f"95 % BCa bootstrap CI over images ({plan.options.n_resamples} resamples, seed "
-             f"{plan.options.seed}). Per-seed Δ and sign agreement are a robustness check, "
-             f"not a test.</p>")
+    o = plan.options
+    intro = (
+        f"<p>Two-sided paired Wilcoxon signed-rank tests on per-source-image {html.escape(metric)} "
+        f"(an image with no difference counts half to each side); Holm within family and "
+        f"dataset; bold p Holm &lt; {o.alpha}. The <i>test</i> column says how p was computed: "
+        f"exact, every sign flip enumerated (up to {stats.EXACT_MAX_N} images), or random sign flips "
+        f"({o.n_resamples}, seed {o.seed}).</p>"
+        f"<p>Every difference is in {html.escape(metric)} points (×100). <b>Δ</b> = method − vs, "
+        f"the mean over source images of each image's difference, an image's value being its "
+        f"mean over the seeds whose test set holds it (MoNuSeg: its tiles first); 95 % BCa "
+        f"bootstrap CI over images ({o.n_resamples} resamples, seed {o.seed}). Table 1's "
+        f"difference of two cells averages differently: each seed's test samples, then the "
+        f"seeds. The two agree when every image is in every seed's test set with all its "
+        f"tiles; they differ where the test set is re-drawn per seed (DSB: an image in one seed "
+        f"weighs as much here as one in three) or a NaN was left out. <b>Per-seed Δ</b>: the "
+        f"mean difference over that seed's images; with <i>same sign</i>, a robustness check, "
+        f"not a test. <b>r</b> (matched-pairs rank-biserial) = (R+ − R−) / (R+ + R−) over the "
+        f"ranks of the non-zero |differences|: +1 when the method wins on every image; its sign "
+        f"is the direction the test found (and of the table's marks). Δ and r can disagree in "
+        f"sign when a few large differences outweigh many small ones; the note says so where "
+        f"it happens.</p>")
+    if notes:
+        intro += "<p>Left out:</p><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) \
+            + "</ul>"
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Statistics</title>"
             f"<style>table{{border-collapse:collapse;font:12px sans-serif}}td,th{{padding:2px 6px;"
-            f"border-bottom:1px solid #ddd}}</style></head><body><h2>Statistics: pairwise "
-            f"comparisons</h2>{intro}{styler.to_html()}</body></html>")
+            f"border-bottom:1px solid #ddd}}p,li{{font:13px sans-serif;max-width:60em}}</style>"
+            f"</head><body><h2>Statistics: pairwise comparisons</h2>{intro}{styler.to_html()}"
+            f"</body></html>")
 
 
 def write_stats(results: Results, plan: ReportPlan, out_dir: Path, strict: bool = False) -> list[Path]:
@@ -111,7 +170,8 @@ def write_stats(results: Results, plan: ReportPlan, out_dir: Path, strict: bool 
     out_dir = Path(out_dir)
     texts = {f"{name}.csv": frame.to_csv(index=False, float_format="%.10g")
              for name, frame in frames.items()}
-    texts["comparisons.html"] = _comparisons_html(frames["comparisons"], plan, results.abbrev)
+    texts["comparisons.html"] = _comparisons_html(frames["comparisons"], plan, results.abbrev,
+                                                  report_notes(results, plan))
     paths = []
     for name in STATS_FILES:
         write_atomic(out_dir / name, texts[name])
@@ -133,15 +193,19 @@ def table_texts(results: Results, plan: ReportPlan, comparisons: pd.DataFrame | 
     specs = [("table1", "Table 1", plan.grid, None)]
     if plan.ablation is not None:
         specs.append(("table2", "Table 2", plan.ablation, [plan.metric]))
+    left_out = plan.left_out_by_table()
     for name, title, section, metrics in specs:
         metrics = metrics or table_metrics(results, section, plan.convention) or [plan.metric]
         frame = build_table(summary, section, metrics, plan, comparisons, name, hib)
         fams = [f.name for f in plan.family_list() if (f.name == "ablation") == (name == "table2")]
-        if name == "table2" and any(f.name == "vs_baseline" for f in plan.family_list()):
+        if name == "table2" and any(f.name == "vs_baseline" for f in plan.family_list()) \
+                and plan.reference in section.methods:
             fams.append(f"vs_baseline for {display(plan.reference)}")
-        note = footnote(plan, n_cases_by_dataset(comparisons, section.datasets),
-                        ", ".join(fams) or "none", results.abbrev, upper_bound=name == "table1",
-                        n_seeds=len(section.seeds)) + beyond_paper_note(section.methods)
+        notes = left_out[name] + data_notes(results, plan, section)
+        note = footnote(plan, n_cases_by_dataset(comparisons, section.datasets), fams,
+                        results.abbrev, upper_bound=UPPER_BOUND in section.methods,
+                        n_seeds_found=frame.loc[frame["metric"] == metrics[0], "n_seeds"],
+                        notes=notes) + beyond_paper_note(section.methods)
         what = ("segmentation of the test sets" if name == "table1"
                 else f"ablation, {results.abbrev(plan.metric)}")
         for suffix, text in render_all(frame, f"{title}: {what}", note, results.abbrev,
@@ -167,8 +231,9 @@ def table_texts(results: Results, plan: ReportPlan, comparisons: pd.DataFrame | 
         show.to_markdown(index=False, floatfmt=".2f") if not delta.empty else "") + "\n"
     out["paper_delta.html"] = (f"<html><head><meta charset='utf-8'></head><body><h2>Ours − paper"
                                f"</h2><p>{html.escape(intro)}</p>"
-                               + (show.style.format(precision=2).hide(axis="index").to_html()
-                                  if not delta.empty else "") + "</body></html>")
+                               + (show.style.format(precision=2).hide(axis="index")
+                                  .set_uuid("paper_delta").to_html() if not delta.empty else "")
+                               + "</body></html>")
     return out
 
 

@@ -6,6 +6,7 @@ build."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
@@ -36,12 +37,28 @@ def palette(methods) -> dict:
     return {m: _FIXED[m] if m in _FIXED else next(extra) for m in methods}
 
 
+#: no creation date in the files: identical inputs give identical bytes (PNG carries no date)
+METADATA = {"pdf": {"CreationDate": None}, "png": {}}
+
+
+@contextmanager
+def seeded(seed: int):
+    """seaborn's strip-plot jitter draws from numpy's global generator: seed it for one figure
+    (so the figure is reproducible) and give the caller's state back afterwards."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
 def _save(fig, out_dir: Path, name: str) -> list[Path]:
     paths = []
     for suffix in ("png", "pdf"):
         path = out_dir / f"{name}.{suffix}"
         tmp = path.with_name(f".{path.stem}.tmp.{suffix}")
-        fig.savefig(tmp, bbox_inches="tight", dpi=150)
+        fig.savefig(tmp, bbox_inches="tight", dpi=150, metadata=METADATA[suffix])
         os.replace(tmp, path)
         paths.append(path)
     plt.close(fig)
@@ -88,12 +105,16 @@ def dice_vs_ratio(results: Results, plan: ReportPlan, cases, stats_dir):
                 ax.axhline(rows["value"].mean() * 100, ls="--", color=pal[m], lw=1.2,
                            label=f"{display(m)} (100 %)")
                 continue
-            off = (j - (len(methods) - 1) / 2) * 0.06
+            off = (j - (len(methods) - 1) / 2) * (0.06 if len(ratios) > 1 else 0.7 / len(methods))
             x = rows["ratio"].map(xpos) + off
             ax.scatter(x, rows["value"] * 100, s=12, color=pal[m], alpha=0.6, zorder=3)
             mean = rows.groupby("ratio")["value"].mean().reindex(ratios)
-            ax.plot(np.arange(len(ratios)) + off, mean.to_numpy() * 100, marker="o", color=pal[m],
-                    ls=":" if m == plan.baseline else "-", lw=1.6, label=display(m))
+            if len(ratios) > 1:
+                ax.plot(np.arange(len(ratios)) + off, mean.to_numpy() * 100, marker="o",
+                        color=pal[m], ls=":" if m == plan.baseline else "-", lw=1.6, label=display(m))
+            else:  # one ratio: no line to draw, the mean is a bar across the method's dots
+                ax.plot(off + np.array([-0.25, 0.25]) * 0.7 / len(methods), [mean.iloc[0] * 100] * 2,
+                        color=pal[m], lw=2.2, label=display(m))
         ax.set_xticks(range(len(ratios)), [f"1/{k}" for k in ratios])
         ax.set_xlim(-0.5, len(ratios) - 0.5)
         ax.set_xlabel("labeled fraction")
@@ -101,7 +122,12 @@ def dice_vs_ratio(results: Results, plan: ReportPlan, cases, stats_dir):
         ax.set_title(d)
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
-    fig.suptitle(f"{results.abbrev(metric)} vs label ratio: seeds (dots) and their mean (line)", fontsize=11)
+    n_ratios = len({k for k in runs.loc[runs["method"] != UPPER_BOUND, "ratio"]})
+    title = (f"{results.abbrev(metric)} vs label ratio: seeds (dots) and their mean (line)"
+             if n_ratios > 1 else
+             f"{results.abbrev(metric)} at one label ratio: seeds (dots) and their mean (bar); "
+             f"a curve needs several ratios")
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -216,8 +242,10 @@ def cd_diagram(results, plan, cases, stats_dir):
             ax.plot([ranks[by_rank[i]], ranks[by_rank[j]]], [y, y], color="k", lw=3)
         ax.axis("off")
         p = r.get("p", np.nan)
-        ax.set_title(f"{r['dataset']}, 1/{int(r['ratio'])}: mean rank over {int(r['n_cases'])} images "
-                     f"(Friedman p = {p:.2g}); bars join methods not different "
+        left = " (some pairs left out: friedman.csv note)" if isinstance(r.get("note"), str) \
+            and r["note"].startswith("on the ") else ""
+        ax.set_title(f"{r['dataset']}, 1/{int(r['ratio'])}: mean rank over {int(r['n_cases'])} images"
+                     f"{left} (Friedman p = {p:.2g}); bars join methods not different "
                      f"(Wilcoxon-Holm, α = {plan.options.alpha})", fontsize=9)
     fig.tight_layout()
     return fig
@@ -264,7 +292,8 @@ def _load_prepared(cfg: dict, dataset: str):
 
 def overlays(results, plan, cases, stats_dir, cfg=None):
     """Figure 3/5 style: truth red, prediction green, overlap yellow, for the test images at the
-    10th/50th/90th percentile of ΔDC (reference − baseline) in the first seed."""
+    10th/50th/90th percentile of ΔDC (reference − baseline) in the first seed: one column per
+    image, one row per method."""
     from PIL import Image
 
     cfg = cfg or {}
@@ -288,15 +317,18 @@ def overlays(results, plan, cases, stats_dir, cfg=None):
         if delta.empty:
             continue
         picks = [delta.index[int(round(q * (len(delta) - 1)))] for q in (0.1, 0.5, 0.9)]
-        fig, axes = plt.subplots(3, len(shown) + 1, figsize=(1.9 * (len(shown) + 1), 6.1), squeeze=False)
-        for row, (q, sid) in enumerate(zip((10, 50, 90), picks)):
+        # one column per picked image, one row per method: three panels across stay readable
+        # at the report's width however many methods there are (the rows scroll)
+        fig, axes = plt.subplots(len(shown) + 1, 3, figsize=(7.2, 2.3 * (len(shown) + 1)),
+                                 squeeze=False)
+        for col, (q, sid) in enumerate(zip((10, 50, 90), picks)):
             sample = data.load(sid)
-            axes[row, 0].imshow(sample.image)
-            axes[row, 0].set_ylabel(f"{sid}\nP{q}: Δ = {delta[sid] * 100:+.1f}", fontsize=8)
-            if row == 0:
-                axes[row, 0].set_title("image", fontsize=8)
+            axes[0, col].imshow(sample.image)
+            axes[0, col].set_title(f"{sid}\nP{q}: Δ = {delta[sid] * 100:+.1f}", fontsize=9)
+            if col == 0:
+                axes[0, col].set_ylabel("image", fontsize=10)
             gt = sample.mask.astype(bool)
-            for col, m in enumerate(shown, start=1):
+            for row, m in enumerate(shown, start=1):
                 ax = axes[row, col]
                 ratio = 1 if m == UPPER_BOUND else k
                 run_dir = results.run_dirs.get((d, m, ratio, seed))
@@ -304,7 +336,7 @@ def overlays(results, plan, cases, stats_dir, cfg=None):
                 ax.imshow(sample.image, alpha=0.35)
                 if png is None or not png.exists():
                     ax.text(0.5, 0.5, "no prediction\nsaved", ha="center", va="center",
-                            transform=ax.transAxes, fontsize=7)
+                            transform=ax.transAxes, fontsize=9)
                 else:
                     pred = np.asarray(Image.open(png).convert("L")) > 127
                     rgba = np.zeros(gt.shape + (4,))
@@ -316,16 +348,16 @@ def overlays(results, plan, cases, stats_dir, cfg=None):
                                 & (per["seed"] == seed) & (per["id"] == sid)][plan.metric]
                     if not score.empty:
                         ax.text(0.02, 0.98, f"{score.iloc[0] * 100:.1f}", transform=ax.transAxes,
-                                va="top", fontsize=7, color="w",
+                                va="top", fontsize=9, color="w",
                                 bbox={"facecolor": "k", "alpha": 0.5, "pad": 1, "lw": 0})
-                if row == 0:
-                    ax.set_title(display(m), fontsize=8)
+                if col == 0:
+                    ax.set_ylabel(display(m), fontsize=10)
         for ax in axes.flat:
             ax.set_xticks([]), ax.set_yticks([])
-        fig.suptitle(f"{d}, 1/{k}, seed {seed}: truth red, prediction green, overlap yellow; rows = "
-                     f"10th/50th/90th percentile of Δ{results.abbrev(plan.metric)} "
-                     f"({display(ref)} − {display(base)}); corner = image {results.abbrev(plan.metric)} (%)",
-                     fontsize=8)
+        fig.suptitle(f"{d}, 1/{k}, seed {seed}: truth red, prediction green, overlap yellow\n"
+                     f"columns = 10th/50th/90th percentile of Δ{results.abbrev(plan.metric)} "
+                     f"({display(ref)} − {display(base)})\ncorner = the image's "
+                     f"{results.abbrev(plan.metric)} (%)", fontsize=9)
         fig.tight_layout()
         return fig
     return placeholder(f"no dataset/ratio with both {display(ref)} and {display(base)} per-image results")
@@ -348,10 +380,14 @@ def training_curves(results, plan, cases, stats_dir):
             (c for c in part.columns if c.startswith("loss_")), None)
         for m in methods:
             rows = part[part["method"] == m].groupby("epoch").mean(numeric_only=True)
+            # an ablation scheme is a variant of CDCL and can coincide with its curve: dashed, on top
+            style = ({"ls": (0, (4, 2)), "lw": 1.6, "zorder": 3} if m.startswith("cdcl-scheme")
+                     else {"lw": 1.4, "zorder": 2})
             if loss is not None:
-                axes[0, j].plot(rows.index, rows[loss], color=pal[m], label=display(m))
+                axes[0, j].plot(rows.index, rows[loss], color=pal[m], label=display(m), **style)
             if has_val:
-                axes[1, j].plot(rows.index, rows["val_dice"] * 100, color=pal[m], label=display(m))
+                axes[1, j].plot(rows.index, rows["val_dice"] * 100, color=pal[m],
+                                label=display(m), **style)
         axes[0, j].set_title(f"{d}, {'100%' if k == 1 else f'1/{k}'}", fontsize=10)
         axes[0, j].set_ylabel("total training loss (mean over seeds)")
         axes[0, j].set_yscale("log")
@@ -398,8 +434,9 @@ def write_figures(results: Results, plan: ReportPlan, stats_dir: Path, out_dir: 
     for name in names:
         try:
             draw = DRAW[name]
-            fig = draw(results, plan, cases, stats_dir, cfg) if name == "overlays" else \
-                draw(results, plan, cases, stats_dir)
+            with seeded(plan.options.seed):
+                fig = draw(results, plan, cases, stats_dir, cfg) if name == "overlays" else \
+                    draw(results, plan, cases, stats_dir)
         except Exception as e:  # one figure must not take down the others
             plt.close("all")
             fig = placeholder(f"{type(e).__name__}: {e}")

@@ -60,6 +60,29 @@ class ReportPlan:
     convention: str = "per_image_mean"
     families: tuple = FAMILY_KINDS
     options: StatOptions = field(default_factory=StatOptions)
+    # the runs the config trains, (dataset, method, ratio, seed); None: planned from runs found
+    trained: frozenset | None = None
+    left_out_rows: tuple = ()  # what the config leaves out of Table 2, one line each
+
+    def seeds_trained(self, dataset: str, method: str, ratio: int) -> set | None:
+        """The seeds the config trains of this cell (None: no config, anything goes)."""
+        if self.trained is None:
+            return None
+        k = 1 if method == UPPER_BOUND else ratio
+        return {s for d, m, r, s in self.trained if (d, m, r) == (dataset, method, k)}
+
+    def _why_not(self, dataset: str, ratio: int, a: str, b: str) -> str | None:
+        sa, sb = self.seeds_trained(dataset, a, ratio), self.seeds_trained(dataset, b, ratio)
+        if sa is None:
+            return None
+        where = f"{dataset} 1/{ratio}"
+        for m, seeds in ((b, sb), (a, sa)):
+            if not seeds:
+                return f"the config does not train {m} at {where}"
+        if sa != sb:
+            return (f"the config trains {a} on seeds {sorted(sa)} and {b} on seeds {sorted(sb)} "
+                    f"at {where}: no paired test")
+        return None
 
     def family_list(self) -> list[Family]:
         out = []
@@ -73,9 +96,35 @@ class ReportPlan:
             out.append(Family("vs_baseline", self.baseline, ssl, cells))
         a = self.ablation
         if "ablation" in self.families and a is not None and self.reference in a.methods:
-            out.append(Family("ablation", self.reference, a.methods,
-                              tuple((d, k) for d in a.datasets for k in a.ratios)))
+            acells = tuple((d, k) for d in a.datasets for k in a.ratios)
+            skip = tuple(((d, k, m), why) for d, k in acells for m in a.methods
+                         if m != self.reference
+                         and (why := self._why_not(d, k, m, self.reference)) is not None)
+            out.append(Family("ablation", self.reference, a.methods, acells, skip))
         return out
+
+    def left_out_by_table(self) -> dict[str, list[str]]:
+        """What the report will not show or test although the config's report section asks for
+        it, because the grid does not train it, per table: known before any training."""
+        out = {"table1": [], "table2": list(self.left_out_rows)}
+        tested = [m for m in self.grid.methods if m != UPPER_BOUND]
+        for fam, role, method in (("vs_reference", "report.reference", self.reference),
+                                  ("vs_baseline", "report.baseline", self.baseline)):
+            if fam in self.families and self.grid.methods and method not in tested:
+                out["table1"].append(f"family {fam} ({display(method)}, {role}, is not in "
+                                     f"grid.methods)")
+        for fam in self.family_list():
+            if fam.left_out:
+                (d, k, m), why = fam.left_out[0]
+                more = f" and {len(fam.left_out) - 1} more" if len(fam.left_out) > 1 else ""
+                out["table2" if fam.name == "ablation" else "table1"].append(
+                    f"{len(fam.left_out)} comparison(s) of family {fam.name} ({display(m)} vs "
+                    f"{display(fam.against)} at {d} 1/{k}: {why}{more})")
+        return out
+
+    def left_out(self) -> list[str]:
+        """Every line of :meth:`left_out_by_table`."""
+        return [line for lines in self.left_out_by_table().values() for line in lines]
 
 
 def _section(sec: dict | None, with_fullsup: bool) -> Section | None:
@@ -97,10 +146,26 @@ def plan_from_config(config: dict) -> ReportPlan:
     grid = _section(config.get("grid"), with_fullsup=True)
     if grid is None:
         grid = Section((), (), (), ())
+    trained = _trained_runs(config)
     abl = config.get("ablation") or {}
+    left_out_rows = []
     if abl.get("methods"):
-        abl = dict(abl, methods=[baseline] + [m for m in abl["methods"]
-                                              if m not in (baseline, reference)] + [reference])
+        # Table 2's baseline and reference rows come from the grid's runs: a row the grid does
+        # not train at any of the ablation's cells is left out (and said so), not shown empty
+        rows = []
+        for m, role in ((baseline, "report.baseline"), (reference, "report.reference")):
+            cells = [(d, k) for d in abl.get("datasets") or [] for k in abl.get("ratios") or []]
+            if trained is not None and m not in abl["methods"] and not any(
+                    (d, m, k, s) in trained for d, k in cells for s in abl.get("seeds") or []):
+                left_out_rows.append(f"Table 2 row {display(m)} ({role}: the grid does not "
+                                     f"train it at the ablation's cells; add it to grid.methods "
+                                     f"and the ablation's datasets and ratios to the grid)")
+            else:
+                rows.append(m)
+        base_rows = [baseline] if baseline in rows else []
+        ref_rows = [reference] if reference in rows else []
+        abl = dict(abl, methods=base_rows + [m for m in abl["methods"]
+                                             if m not in (baseline, reference)] + ref_rows)
     ablation = _section(abl, with_fullsup=False)
     if ablation is not None:  # Table 2 keeps the config's row order (the paper's), not ORDER
         ablation = Section(ablation.datasets, tuple(dict.fromkeys(abl["methods"])),
@@ -112,7 +177,17 @@ def plan_from_config(config: dict) -> ReportPlan:
     return ReportPlan(grid=grid, ablation=ablation, reference=reference, baseline=baseline,
                       metric=rep.get("metric", "dice"),
                       convention=rep.get("convention", "per_image_mean"),
-                      families=tuple(rep.get("families", FAMILY_KINDS)), options=options)
+                      families=tuple(rep.get("families", FAMILY_KINDS)), options=options,
+                      trained=trained, left_out_rows=tuple(left_out_rows))
+
+
+def _trained_runs(config: dict) -> frozenset | None:
+    """The workflow's own run list (semibench.grid), or None without a grid."""
+    if not (config.get("grid") or config.get("ablation")):
+        return None
+    from ..grid import section_runs
+
+    return frozenset(tuple(r) for name in ("grid", "ablation") for r in section_runs(config, name))
 
 
 def plan_from_runs(run_keys, base: ReportPlan | None = None) -> ReportPlan:

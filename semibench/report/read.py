@@ -44,12 +44,15 @@ class Results:
                (``loss_<name>``, ``val_dice``, ...)
     metrics:   name -> {"abbrev", "kind", "higher_is_better"}, in the order of the first run
     run_dirs:  (dataset, method, ratio, seed) -> run directory
+    left_out:  (convention, metric, message) for each metrics.json value that is NaN, ±inf or
+               null: that run is left out of its cell for that value, and the tables say so
     """
     runs: pd.DataFrame
     per_image: pd.DataFrame
     epochs: pd.DataFrame
     metrics: dict = field(default_factory=dict)
     run_dirs: dict = field(default_factory=dict)
+    left_out: list = field(default_factory=list)
 
     def abbrev(self, metric: str) -> str:
         return self.metrics.get(metric, {}).get("abbrev", metric)
@@ -96,9 +99,16 @@ def metric_info(doc: dict) -> dict:
             for name, v in info.items()}
 
 
-def _number(value, path: Path, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DataError(f"{path}: {where} is missing or not a finite number ({value!r})")
+def _number(block: dict, key: str, path: Path, where: str) -> float | None:
+    """The value, or None when it is NaN, ±inf or null (a value the run could not compute: left
+    out with a note). A missing key or a string is a broken file."""
+    if key not in block:
+        raise DataError(f"{path}: {where} is missing")
+    value = block[key]
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{path}: {where} is not a number ({value!r})")
     return float(value)
 
 
@@ -145,7 +155,7 @@ def _read_epochs(path: Path, run: dict) -> list[dict]:
 def read_runs(metric_files: Iterable[Path]) -> Results:
     """Read every run of ``metric_files`` (its per_image.csv and train.jsonl beside it, when
     present). Two files for one (dataset, method, ratio, seed) are an error."""
-    run_rows, per_image, epoch_rows = [], [], []
+    run_rows, per_image, epoch_rows, left_out = [], [], [], []
     metrics: dict = {}
     run_dirs: dict = {}
     for path in metric_files:
@@ -166,7 +176,12 @@ def read_runs(metric_files: Iterable[Path]) -> Results:
                 raise DataError(f"{path}: no {convention!r} section")
             for m in info:
                 if info[m]["kind"] == "pixel" or m in block:
-                    value = _number(block.get(m), path, f"{convention}.{m}")
+                    value = _number(block, m, path, f"{convention}.{m}")
+                    if value is None:
+                        left_out.append((convention, m, f"{'{}/{}/r{}/seed{}'.format(*key)}: "
+                                         f"metrics.json {convention}.{m} is {block[m]!r}, left "
+                                         f"out of its cell"))
+                        continue
                     run_rows.append(dict(run, convention=convention, metric=m, value=value))
         for m, v in (doc.get("dataset_level") or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
@@ -181,4 +196,5 @@ def read_runs(metric_files: Iterable[Path]) -> Results:
     images = (pd.concat(per_image, ignore_index=True) if per_image
               else pd.DataFrame(columns=RUN_KEYS + ["id", "source_id"]))
     epochs = pd.DataFrame(epoch_rows) if epoch_rows else pd.DataFrame(columns=RUN_KEYS + ["epoch"])
-    return Results(runs=runs, per_image=images, epochs=epochs, metrics=metrics, run_dirs=run_dirs)
+    return Results(runs=runs, per_image=images, epochs=epochs, metrics=metrics, run_dirs=run_dirs,
+                   left_out=left_out)

@@ -8,9 +8,10 @@ deviation (ddof = 1) over seeds, printed in percent with 2 decimals as the paper
 
 Bold = best shown (rounded) mean per column among the rows that are not FullSup (ties all bold;
 bold means "highest mean", not "significant"). Marks on the tested metric (Dice) come from the
-declared test families (semibench.report.stats): † = significantly below the reference method,
-‡ = significantly above the baseline (Holm-adjusted p < alpha). A cell whose run(s) are missing
-shows "—"; a cell with fewer seeds than configured shows its n.
+declared test families (semibench.report.stats), in both directions (Holm-adjusted p < alpha;
+the direction is the test's, the sign of the rank-biserial r): † / § = significantly below /
+above the reference method, ‡ / ¶ = significantly above / below the baseline. A cell whose run(s)
+are missing shows "—"; a cell with fewer seeds than configured shows its n.
 """
 from __future__ import annotations
 
@@ -23,8 +24,11 @@ import pandas as pd
 from .plan import BEYOND_MARK, BEYOND_PAPER, ORDER, UPPER_BOUND, ReportPlan, Section, display
 from .read import Results
 
-BELOW, ABOVE, MISSING = "†", "‡", "—"
-LATEX_MARKS = {BELOW: r"$^{\dagger}$", ABOVE: r"$^{\ddagger}$"}
+BELOW, ABOVE, MISSING = "†", "‡", "—"  # below the reference, above the baseline (the paper's)
+ABOVE_REF, BELOW_BASE = "§", "¶"  # the other directions
+MARK_ORDER = (BELOW, ABOVE_REF, ABOVE, BELOW_BASE)
+LATEX_MARKS = {BELOW: r"$^{\dagger}$", ABOVE: r"$^{\ddagger}$", ABOVE_REF: r"$^{\S}$",
+               BELOW_BASE: r"$^{\P}$"}
 TIDY_COLUMNS = ["table", "dataset", "ratio", "method", "metric", "mean", "std", "n_seeds",
                 "n_expected", "bold", "mark"]
 
@@ -47,14 +51,19 @@ def _mark_lookup(comparisons: pd.DataFrame | None, plan: ReportPlan) -> dict:
     marks: dict = {}
     if comparisons is None or comparisons.empty:
         return marks
-    sig = comparisons[comparisons["significant"].astype(bool)]
+    sig = comparisons[comparisons["significant"].fillna(False).astype(bool)]
     for r in sig.itertuples():
         key = (r.dataset, int(r.ratio), r.a)
-        if r.b == plan.reference and r.delta < 0 and r.family in ("vs_reference", "ablation"):
-            marks.setdefault(key, set()).add(BELOW)
-        if r.b == plan.baseline and r.delta > 0 and r.family == "vs_baseline":
-            marks.setdefault(key, set()).add(ABOVE)
+        up = r.rbc > 0 if pd.notna(r.rbc) and r.rbc != 0 else r.delta > 0  # the test's direction
+        if r.b == plan.reference and r.family in ("vs_reference", "ablation"):
+            marks.setdefault(key, set()).add(ABOVE_REF if up else BELOW)
+        if r.b == plan.baseline and r.family == "vs_baseline":
+            marks.setdefault(key, set()).add(ABOVE if up else BELOW_BASE)
     return marks
+
+
+def _marks_text(marks: set) -> str:
+    return "".join(m for m in MARK_ORDER if m in marks)
 
 
 def build_table(summary: pd.DataFrame, section: Section, metrics: list[str], plan: ReportPlan,
@@ -78,7 +87,7 @@ def build_table(summary: pd.DataFrame, section: Section, metrics: list[str], pla
                                  "std": float(hit["std"]) if hit is not None else math.nan,
                                  "n_seeds": int(hit["n_seeds"]) if hit is not None else 0,
                                  "n_expected": len(section.seeds),
-                                 "mark": "".join(sorted(marks.get((d, int(k), m), set())))
+                                 "mark": _marks_text(marks.get((d, int(k), m), set()))
                                  if metric == plan.metric else ""})
     frame = pd.DataFrame(rows, columns=[c for c in TIDY_COLUMNS if c != "bold"])
     # bold on the shown numbers: the mean in percent rounded to 2 decimals
@@ -141,27 +150,53 @@ def std_ci_factors(n_seeds: int) -> tuple[float, float]:
     return math.sqrt(df / chi2.ppf(0.975, df)), math.sqrt(df / chi2.ppf(0.025, df))
 
 
-def footnote(plan: ReportPlan, n_cases: dict, families: str, abbrev, upper_bound: bool = True,
-             n_seeds: int = 3) -> str:
-    """n, the test and the correction, as the table footnote (plain text)."""
+def seeds_text(n_seeds_found) -> str:
+    """What the seed count means for the stds, from the seeds found per cell (not configured)."""
+    found = sorted({int(n) for n in n_seeds_found if n > 0})
+    if not found:
+        return ""
+    if found == [1]:
+        return "One seed per cell: no spread. "
+    parts = []
+    for n in found:
+        if n >= 2:
+            lo, hi = std_ci_factors(n)
+            parts.append(f"{lo:.2f}·s to {hi:.1f}·s" if len(found) == 1
+                         else f"{n} seeds: {lo:.2f}·s to {hi:.1f}·s")
+    few = "; one seed in some cells (no spread there)" if found[0] == 1 else ""
+    head = f"With {found[0]} seeds" if len(found) == 1 else \
+        f"With {found[0]}–{found[-1]} seeds per cell (n shown where fewer than configured)"
+    return (f"{head} the std is imprecise (95 % CI of σ: {', '.join(parts)}{few}); where the "
+            f"test set is re-drawn per seed (DSB) it mixes training and test-sampling variance. ")
+
+
+def footnote(plan: ReportPlan, n_cases: dict, families: list[str], abbrev, upper_bound: bool = True,
+             n_seeds_found=(3,), notes=()) -> str:
+    """n, the test, the correction and the marks, the seeds found, and what was left out, as
+    the table footnote (plain text)."""
     ns = ", ".join(f"n = {n} ({d})" for d, n in n_cases.items()) or "n unknown"
-    if n_seeds >= 2:
-        lo, hi = std_ci_factors(n_seeds)
-        spread = (f"With {n_seeds} seeds the std is imprecise (95 % CI of σ: {lo:.2f}·s to "
-                  f"{hi:.1f}·s); where the test set is re-drawn per seed (DSB) it mixes "
-                  f"training and test-sampling variance. ")
-    else:
-        spread = "One seed: no spread. "
     bold = (f"bold = best shown mean per column among non-{display(UPPER_BOUND)} rows (ties all "
             f"bold; {display(UPPER_BOUND)} uses all labels and is an upper bound, shown in every "
             f"group)" if upper_bound else "bold = best shown mean per column (ties all bold)")
-    return (f"Cells: mean ± sample std (ddof = 1) over seeds, in %; {bold}. "
-            f"{BELOW} {abbrev(plan.metric)} significantly below {display(plan.reference)}; "
-            f"{ABOVE} significantly above {display(plan.baseline)} "
-            f"(two-sided paired Wilcoxon signed-rank, zsplit, on per-source-image "
-            f"{abbrev(plan.metric)} averaged over seeds; {ns} source images; Holm within each "
-            f"family ({families}) and dataset; α = {plan.options.alpha}). {spread}"
-            f"{MISSING} = run missing. "
+    metric = abbrev(plan.metric)
+    marks = []
+    if any(f in families for f in ("vs_reference", "ablation")):
+        marks.append(f"{BELOW} / {ABOVE_REF} {metric} significantly below / above "
+                     f"{display(plan.reference)}")
+    if "vs_baseline" in families or any(f.startswith("vs_baseline") for f in families):
+        marks.append(f"{ABOVE} / {BELOW_BASE} significantly above / below "
+                     f"{display(plan.baseline)}")
+    if marks:
+        test = (f"{'; '.join(marks)} (two-sided paired Wilcoxon signed-rank on per-source-image "
+                f"{metric} averaged over seeds, an image with no difference counting half to "
+                f"each side; direction = the test's (rank-biserial r); {ns} source images; Holm "
+                f"within each family ({', '.join(families)}) and dataset; "
+                f"α = {plan.options.alpha}). ")
+    else:
+        test = "No significance test in this table. "
+    left = f"Left out: {'; '.join(notes)}. " if notes else ""
+    return (f"Cells: mean ± sample std (ddof = 1) over seeds, in %; {bold}. {test}"
+            f"{seeds_text(n_seeds_found)}{MISSING} = run missing. {left}"
             f"Tests are conditional on these runs and this test set.")
 
 
@@ -218,6 +253,7 @@ def render_latex(frame: pd.DataFrame, title: str, note: str, abbrev, label: str)
                 rf"\par\smallskip\parbox{{\linewidth}}{{\footnotesize {_tex_escape(note)}}}".replace(
                     "±", r"$\pm$").replace("†", r"$^{\dagger}$").replace("‡", r"$^{\ddagger}$")
                 .replace("α", r"$\alpha$").replace("σ", r"$\sigma$").replace("·", r"$\cdot$")
+                .replace("§", r"$^{\S}$").replace("¶", r"$^{\P}$")
                 .replace("—", "---"),
                 r"\end{table}", ""]
     return "\n".join(out)
