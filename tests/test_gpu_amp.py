@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.gpu,
 
 
 def _cuda_trainer(root, tmp_path, method, **kw):
-    cfg = toy_config(root, method, amp=True, unsup_start_epoch=0, **kw)
+    cfg = toy_config(root, method, precision="fp16", unsup_start_epoch=0, **kw)
     cfg.device = "cuda"
     tr = Trainer(cfg, tmp_path)
     assert tr.amp and tr.scaler.is_enabled()
