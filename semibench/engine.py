@@ -554,7 +554,7 @@ class Trainer:
             source = SampleCache(self.data.val_samples) if self.data.val_samples else PreparedDataset(
                 Path(self.cfg.data_dir) / "prepared" / self.cfg.dataset)
             self.eval_set = EvalSet([source.load(i) for i in self.data.val.ids], self.cfg.train.input_size,
-                                    self.cfg.train.eval_batch_size, self.device)
+                                    self.cfg.train.eval_batch_size, self.device, pad=self.execution.compile)
         def dice(net) -> float:
             rows = self.eval_set.counts(net, self.execution.autocast())
             return per_image_mean([Counts(r["tp"], r["fp"], r["tn"], r["fn"]) for r in rows])["dice"]

@@ -131,7 +131,7 @@ def full_size_logits(model: torch.nn.Module, x: torch.Tensor, shapes: list[tuple
     all on ``x``'s device and without a host synchronisation."""
     with autocast if autocast is not None else nullcontext():
         logits = model(x, project=False).logits
-    logits = logits.float()
+    logits = logits[:len(shapes)].float()  # a padded batch has more inputs than samples
     groups: dict[tuple[int, int], list[int]] = {}
     for i, shape in enumerate(shapes):
         groups.setdefault(tuple(shape), []).append(i)
@@ -164,12 +164,17 @@ def predict_samples(model: torch.nn.Module, dataset: PreparedDataset, ids: list[
 
 class EvalSet:
     """Samples made ready once on ``device`` for repeated scoring (validation after every
-    epoch): the inputs at the training size in batches, the truth masks at the original size."""
+    epoch): the inputs at the training size in batches, the truth masks at the original size.
+    ``pad``: a short last batch is filled up with copies of its last input (their outputs are
+    dropped), so a compiled network sees one batch shape and is not compiled again for it."""
 
-    def __init__(self, samples: list[Sample], size: int, batch_size: int, device: torch.device):
+    def __init__(self, samples: list[Sample], size: int, batch_size: int, device: torch.device,
+                 pad: bool = False):
         self.batches = []
         for chunk in _chunks(list(samples), batch_size):
             x = torch.stack([preprocess(s.image, size, device) for s in chunk])
+            if pad and len(chunk) < batch_size:
+                x = torch.cat([x, x[-1:].expand(batch_size - len(chunk), *x.shape[1:])])
             truths = [to_device(torch.from_numpy(s.mask), device).bool() for s in chunk]
             self.batches.append((chunk, x, truths))
 

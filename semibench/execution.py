@@ -32,6 +32,7 @@ state reached by stepping on a non-finite loss is ever written.
 from __future__ import annotations
 
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
@@ -43,7 +44,10 @@ from .errors import ConfigError, TrainingError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DYNAMO_RECOMPILE_LIMIT = 64  # graphs per code object: train/eval, grad/no-grad, batch shapes, ...
-COMPILE_OPTIONS: dict = {}  # torch.compile's keyword options (tests use a cheaper backend)
+# torch.compile's keyword options; SEMIBENCH_COMPILE_BACKEND picks another backend (e.g.
+# aot_eager: the same capture without inductor's code generation, for CPU smoke runs and tests)
+COMPILE_OPTIONS: dict = ({"backend": os.environ["SEMIBENCH_COMPILE_BACKEND"]}
+                         if os.environ.get("SEMIBENCH_COMPILE_BACKEND") else {})
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

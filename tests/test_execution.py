@@ -262,6 +262,10 @@ def test_batched_evaluation_equals_one_sample_at_a_time():
         assert (r["id"], r["height"], r["width"]) == (s.id, *s.label.shape)
         assert (r["tp"], r["fp"], r["tn"], r["fn"]) == (c.tp, c.fp, c.tn, c.fn)
     assert sum(r["tp"] + r["fp"] for r in rows) > 0 and sum(r["tn"] + r["fn"] for r in rows) > 0
+    # padded to whole batches (for a compiled network): the same rows for the same samples
+    padded = EvalSet(samples, 32, 4, torch.device("cpu"), pad=True)
+    assert [x.shape[0] for _, x, _ in padded.batches] == [4, 4]
+    assert padded.counts(model) == rows
     got = list(predict_samples(model, SampleCache(samples), [s.id for s in samples], 32, 4, torch.device("cpu")))
     assert [s.id for s, _, _ in got] == [s.id for s in samples]
     for s, mask, prob in got:
