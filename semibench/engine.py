@@ -17,7 +17,14 @@
   deletes an interrupted job's declared outputs, and the replayed epochs need not beat the best
   one again. A truncated or corrupt checkpoint stops the run with one line, before anything in
   the run directory is written;
-- ``train_done.json`` last: metadata (versions, device, weights, timings, best epoch).
+- ``train_done.json`` last: metadata (versions, device, execution options, weights, timings,
+  best epoch).
+
+Execution (:mod:`semibench.execution`: ``train.precision``, ``channels_last``, ``fused_adam``,
+``compile``): how the steps run on the device, outside the fingerprint. The loop does not wait
+for the device per step: :meth:`Trainer.run_step` queues its losses there, and they are read and
+checked every ``LOG_EVERY`` steps and at the end of each epoch, before its validation and
+checkpoint (:meth:`Trainer.train_step` reads them at once, before the update).
 
 Epochs are 0-based everywhere in files (``StepInfo.epoch`` too). Every file is written to a
 temporary sibling and renamed, so none is ever partial.
@@ -60,7 +67,8 @@ from .data import (BatchSchedule, SampleCache, TrainData, derive_seed, iteration
 from .device import device_name, resolve_device
 from .ema import TeacherSettings, ema_update, make_teacher
 from .errors import ConfigError, TrainingError
-from .execution import LossQueue, nonfinite_loss_message, prepare_networks, resolve_execution, to_device
+from .execution import (LossQueue, match_state_layouts, nonfinite_loss_message, prepare_networks,
+                        resolve_execution, to_device)
 from .method import Batch, Method, MethodContext, StepInfo, check_method_class, make_hparams
 from .metrics import Counts, per_image_mean
 from .prepared import PreparedDataset
@@ -395,6 +403,7 @@ class Trainer:
             self.method.load_state_dict(state["method"])
             for name, opt in self.ctx.named_optimizers().items():
                 opt.load_state_dict(saved_opts[name])
+            match_state_layouts(self.ctx.optimizers)
         except (RuntimeError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TrainingError(f"{path} does not fit this run's method ({first}); delete it to "

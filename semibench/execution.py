@@ -138,6 +138,17 @@ def prepare_networks(method: nn.Module, networks: list[nn.Module], ex: Execution
                 net.compile(**COMPILE_OPTIONS)
 
 
+def match_state_layouts(optimizers) -> None:
+    """Give every optimiser state tensor its parameter's memory layout. A checkpoint written
+    under another ``channels_last`` (or on another device) loads with the old strides, and the
+    fused and multi-tensor Adam kernels want a parameter and its moments laid out alike."""
+    for opt in optimizers:
+        for p, state in opt.state.items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``t.to(device, dtype)`` without a host synchronisation: a blocking copy from pageable
     memory to a GPU waits for the GPU's queue to drain first, so every small tensor made on the

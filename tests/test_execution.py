@@ -334,7 +334,22 @@ def test_channels_last_and_bf16_autocast_mechanisms(toy_root, tmp_path, local_me
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert [id(p) for p in params] == [id(p) for o in tr.ctx.optimizers for g in o.param_groups for p in g["params"]]
     assert set(tr.method.state_dict()) == keys
-    for it in range(2):
+    # a checkpoint written in NCHW (another run, the CPU) resumes here with the moments laid out
+    # as their parameters (the fused and multi-tensor kernels want them alike)
+    nchw = Trainer(toy_config(toy_root, "_test_mt", unsup_start_epoch=0), tmp_path)
+    nchw.train_step(0, 0)
+    torch.save(nchw.checkpoint_state(0), tmp_path / "nchw.pt")
+    tr.load_checkpoint(tmp_path / "nchw.pt")
+    opt, saved = tr.ctx.optimizers[0], nchw.ctx.optimizers[0]
+    moved = 0
+    for p, q in zip(opt.param_groups[0]["params"], saved.param_groups[0]["params"]):
+        if q not in saved.state:  # no gradient yet (the projector, unused without project=True)
+            continue
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt.state[p][key].stride() == p.stride() and torch.equal(opt.state[p][key], saved.state[q][key])
+            moved += p.dim() == 4
+    assert moved > 0
+    for it in range(1, 3):
         values = tr.train_step(0, it)
         assert math.isfinite(values["loss"]) and values["loss_cons"] > 0
 
