@@ -210,10 +210,11 @@ def _reference_val_dice(tr) -> float:
     return per_image_mean(counts)["dice"]
 
 
-@pytest.mark.parametrize("method", ["meanteacher", "gct", "cutmix"])
+@pytest.mark.parametrize("method", ["meanteacher", "gct", "cutmix", "unimatch"])
 def test_defaults_on_the_cpu_compute_what_the_plain_loop_computes(method, toy_root, tmp_path, monkeypatch):  # noqa: F811
     # meanteacher: an eval-mode EMA teacher averaging buffers; gct: three optimisers with
-    # per-optimiser losses; cutmix: a train-mode teacher and two unlabeled batches per step
+    # per-optimiser losses; cutmix: a train-mode teacher and two unlabeled batches per step;
+    # unimatch: eval-mode predictions inside the step, feature dropout, CutMix boxes
     monkeypatch.setattr(engine, "LOG_EVERY", 1)  # a train line per step: each step's losses
     cfg = toy_config(toy_root, method, epochs=2, unsup_start_epoch=0,
                      method_params={"fd_channels": 8} if method == "gct" else None)
