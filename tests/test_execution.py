@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,6 +79,9 @@ def test_amp_is_refused_naming_its_replacement_and_old_files_read_as_its_precisi
         assert RunConfig.from_dict(old).train.precision == precision
     with pytest.raises(ConfigError, match="invalid config at train.precision"):
         check_schema({**wf, "train": {"precision": "half"}})
+    root = Path(__file__).resolve().parent.parent / "config"
+    for path in [*root.glob("*.yaml"), *(root / "studies").glob("*.yaml")]:  # the shipped ones load
+        assert not re.search(r"^\s*amp:", path.read_text(), re.M), path
 
 
 def test_execution_options_are_not_in_the_fingerprint(toy_root):  # noqa: F811
