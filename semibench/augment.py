@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .errors import ConfigError
+from .execution import to_device  # small CPU-made tensors to the GPU without a host sync
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ def sample_affine(n: int, gen: torch.Generator, cfg: AugmentConfig) -> torch.Ten
 
 def warp(images: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """Apply per-sample affine matrices to a float (B, C, H, W) batch."""
-    grid = F.affine_grid(theta.to(device=images.device, dtype=images.dtype), list(images.shape),
+    grid = F.affine_grid(to_device(theta, images.device, images.dtype), list(images.shape),
                          align_corners=False)
     return F.grid_sample(images, grid, mode=mode, padding_mode="reflection", align_corners=False)
 
@@ -153,7 +154,7 @@ _LUMA = (0.299, 0.587, 0.114)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
-    w = torch.tensor(_LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    w = to_device(torch.tensor(_LUMA, dtype=x.dtype), x.device).view(1, 3, 1, 1)
     return (x * w).sum(1, keepdim=True)
 
 
@@ -206,7 +207,7 @@ def gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
     """Separable per-sample Gaussian blur of a (B, C, H, W) batch, reflect padding."""
     b, c, h, w = x.shape
-    k = gaussian_kernels(sigma, radius).to(device=x.device, dtype=x.dtype)
+    k = to_device(gaussian_kernels(sigma, radius), x.device, x.dtype)
     k = k.repeat_interleave(c, dim=0)  # one kernel per (sample, channel) group
     y = x.reshape(1, b * c, h, w)
     y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k.view(b * c, 1, 1, -1), groups=b * c)
@@ -218,21 +219,21 @@ def photometric(x: torch.Tensor, p: PhotometricParams, cfg: AugmentConfig) -> to
     """Colour jitter (brightness, contrast, saturation, hue; fixed order), greyscale, blur on
     float images in [0, 1]; each step clamps to [0, 1]."""
     dev, dt = x.device, x.dtype
-    col = lambda t: t.to(device=dev, dtype=dt).view(-1, 1, 1, 1)  # noqa: E731
-    jit = p.jitter.to(dev).view(-1, 1, 1, 1)
+    col = lambda t: to_device(t, dev, dt).view(-1, 1, 1, 1)  # noqa: E731
+    jit = to_device(p.jitter, dev).view(-1, 1, 1, 1)
     y = (x * col(p.brightness)).clamp(0, 1)
     mean = _grey(y).mean(dim=(2, 3), keepdim=True)
     y = ((y - mean) * col(p.contrast) + mean).clamp(0, 1)
     g = _grey(y)
     y = ((y - g) * col(p.saturation) + g).clamp(0, 1)
-    m = _hue_matrices(p.hue).to(device=dev, dtype=dt)
+    m = to_device(_hue_matrices(p.hue), dev, dt)
     y = torch.einsum("bij,bjhw->bihw", m, y).clamp(0, 1)
     x = torch.where(jit, y, x)
-    x = torch.where(p.grey.to(dev).view(-1, 1, 1, 1), _grey(x).expand_as(x), x)
+    x = torch.where(to_device(p.grey, dev).view(-1, 1, 1, 1), _grey(x).expand_as(x), x)
     radius = max(1, math.ceil(3 * cfg.blur_sigma[1]))
     radius = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)  # reflect padding needs pad < size
     if bool(p.blur.any()):
-        x = torch.where(p.blur.to(dev).view(-1, 1, 1, 1), gaussian_blur(x, p.sigma, radius), x)
+        x = torch.where(to_device(p.blur, dev).view(-1, 1, 1, 1), gaussian_blur(x, p.sigma, radius), x)
     return x
 
 
@@ -243,8 +244,8 @@ def to_float(images_u8: torch.Tensor) -> torch.Tensor:
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean = to_device(torch.tensor(IMAGENET_MEAN, dtype=x.dtype), x.device).view(1, 3, 1, 1)
+    std = to_device(torch.tensor(IMAGENET_STD, dtype=x.dtype), x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -339,7 +340,7 @@ def undo_flips(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     """Undo (equivalently: apply) a ``two_crops`` view's per-sample flips on a (B, ..., H, W)
     tensor; ``flip`` is (B, 2) bool: left-right, up-down."""
     shape = (-1,) + (1,) * (x.dim() - 1)
-    lr, ud = flip[:, 0].to(x.device).view(shape), flip[:, 1].to(x.device).view(shape)
+    lr, ud = to_device(flip[:, 0], x.device).view(shape), to_device(flip[:, 1], x.device).view(shape)
     x = torch.where(lr, x.flip(-1), x)
     return torch.where(ud, x.flip(-2), x)
 
@@ -370,7 +371,8 @@ def _two_crops(images: torch.Tensor, gen: torch.Generator, cfg: AugmentConfig, *
     box1 = torch.stack([ot - y1, ol - x1, ob - y1, orr - x1], 1)
     box2 = torch.stack([ot - y2, ol - x2, ob - y2, orr - x2], 1)
     return {"crop1": normalise(photometric(crop1, p1, cfg)), "crop2": normalise(photometric(crop2, p2, cfg)),
-            "box1": box1.to(dev), "box2": box2.to(dev), "flip1": flips[0].to(dev), "flip2": flips[1].to(dev)}
+            "box1": to_device(box1, dev), "box2": to_device(box2, dev), "flip1": to_device(flips[0], dev),
+            "flip2": to_device(flips[1], dev)}
 
 
 ViewBuilder = Callable[[torch.Tensor, torch.Generator, AugmentConfig], dict[str, torch.Tensor]]

@@ -14,6 +14,13 @@ still sets it is refused: at the workflow's dry run by the schema ("Additional p
 allowed ('num_workers' was unexpected)"), by ``semibench train`` with a line saying to delete
 it. A ``config.json`` written by an older version is still read (the key is dropped), so such a
 run directory is refused by its differing keys rather than by a traceback.
+``train.amp`` was replaced by ``train.precision`` (:mod:`semibench.execution`): a config that
+sets it is refused with the replacement named; a ``config.json`` that holds it reads as the
+precision it meant (true: fp16 autocast on CUDA, false: fp32).
+
+Execution options (``train.precision``, ``channels_last``, ``fused_adam``, ``compile``) say how
+a run is computed, not what: like the device they are left out of the fingerprint, so a run
+may be resumed under other ones (each process's are recorded in ``train_done.json``).
 """
 from __future__ import annotations
 
@@ -74,7 +81,11 @@ class TrainConfig:
     poly_power: float = 0.9
     unsup_start_epoch: int = 5  # 0-based: unsupervised losses from the 6th epoch on
     ema_alpha: float = 0.999
-    amp: bool = True  # CUDA only
+    # execution options (semibench.execution): how, not what; outside the fingerprint
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32; CUDA only (auto: bf16 where native, else fp16)
+    channels_last: bool = True  # CUDA only
+    fused_adam: bool = True  # CUDA only
+    compile: bool = False  # torch.compile of the DenseUNets (any device)
     iters_per_epoch: int | None = None  # None: one pass over the unlabeled set
     eval_batch_size: int = 8
     deterministic: bool = True
@@ -82,9 +93,22 @@ class TrainConfig:
     augment: dict[str, Any] = field(default_factory=dict)
 
 
+# how a run is computed, not what (semibench.execution): outside the fingerprint, like the device
+EXECUTION_KEYS = ("precision", "channels_last", "fused_adam", "compile")  # train.<key>
+LEGACY_EXECUTION_KEYS = ("amp",)  # in fingerprints written before train.precision
+
+
+def amp_to_precision(amp) -> str:
+    """The precision an old ``train.amp`` meant: fp16 autocast on CUDA (true) or fp32 (false)."""
+    return "fp16" if amp else "fp32"
+
+
 REMOVED_TRAIN_KEYS = {
     "num_workers": "train.num_workers was removed (the training data are held in memory; there "
                    "are no loader workers): delete that line from your config",
+    "amp": "train.amp was replaced by train.precision: for amp: true write precision: fp16 (the old "
+           "fp16 autocast on CUDA) or auto (bf16 where the GPU has it, else fp16), for amp: false "
+           "precision: fp32, and delete the amp line",
 }
 
 
@@ -135,7 +159,10 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: Mapping) -> "RunConfig":
         d = dict(d)
-        train = {k: v for k, v in dict(d.get("train", {})).items() if k not in REMOVED_TRAIN_KEYS}
+        old_train = dict(d.get("train", {}))
+        train = {k: v for k, v in old_train.items() if k not in REMOVED_TRAIN_KEYS}
+        if "amp" in old_train and "precision" not in old_train:  # written before train.precision
+            train["precision"] = amp_to_precision(old_train["amp"])
         d["train"] = TrainConfig(**train)
         params = dict(d.get("method_params") or {})
         if set(params) == {d.get("method")} and isinstance(params[d.get("method")], Mapping):
@@ -144,10 +171,13 @@ class RunConfig:
         return cls(**d)
 
     def fingerprint_items(self) -> dict:
-        """The keys that must match for a checkpoint to be resumed (device may differ):
-        ``train.<key>``, ``method_params.<method>.<key>`` and the run's coordinates."""
+        """The keys that must match for a checkpoint to be resumed (device and the execution
+        options may differ): ``train.<key>``, ``method_params.<method>.<key>`` and the run's
+        coordinates."""
         d = self.to_dict()
         d.pop("device")
+        for key in EXECUTION_KEYS:
+            d["train"].pop(key)
         flat: dict[str, Any] = {}
         for k, v in d.items():
             if k == "method_params":
@@ -158,6 +188,13 @@ class RunConfig:
             else:
                 flat[k] = v
         return flat
+
+    @staticmethod
+    def comparable_items(items: dict) -> dict:
+        """Saved fingerprint items without the keys that no longer take part: the execution
+        options and ``train.amp``, which fingerprints written by older versions hold."""
+        drop = {f"train.{k}" for k in EXECUTION_KEYS + LEGACY_EXECUTION_KEYS}
+        return {k: v for k, v in items.items() if k not in drop}
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.fingerprint_items(), sort_keys=True, default=str)

@@ -13,23 +13,30 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import ConfigError, DataError
+from .execution import to_device
 from .prepared import PreparedDataset, Sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def preprocess(image: np.ndarray, size: int) -> torch.Tensor:
+def preprocess(image: np.ndarray, size: int, device: torch.device | str | None = None) -> torch.Tensor:
     """HxWx3 uint8 -> (3, size, size) float, bilinearly resized (antialiased) and normalised
-    with ImageNet statistics. Training and evaluation both go through here."""
+    with ImageNet statistics. Training and evaluation both go through here. With ``device`` the
+    uint8 image is moved there first and resized there (the same operations as on the CPU)."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise DataError(f"expected an HxWx3 image, got shape {image.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    x = torch.from_numpy(np.ascontiguousarray(image))
+    if device is not None:
+        x = to_device(x, torch.device(device))
+    x = x.permute(2, 0, 1).float().div_(255.0)
     if x.shape[1:] != (size, size):
         x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False,
                           antialias=True)[0]
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    if x.device.type != "cpu":
+        mean, std = to_device(mean, x.device), to_device(std, x.device)
     return (x - mean) / std
 
 

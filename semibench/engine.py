@@ -17,7 +17,14 @@
   deletes an interrupted job's declared outputs, and the replayed epochs need not beat the best
   one again. A truncated or corrupt checkpoint stops the run with one line, before anything in
   the run directory is written;
-- ``train_done.json`` last: metadata (versions, device, weights, timings, best epoch).
+- ``train_done.json`` last: metadata (versions, device, execution options, weights, timings,
+  best epoch).
+
+Execution (:mod:`semibench.execution`: ``train.precision``, ``channels_last``, ``fused_adam``,
+``compile``): how the steps run on the device, outside the fingerprint. The loop does not wait
+for the device per step: :meth:`Trainer.run_step` queues its losses there, and they are read and
+checked every ``LOG_EVERY`` steps and at the end of each epoch, before its validation and
+checkpoint (:meth:`Trainer.train_step` reads them at once, before the update).
 
 Epochs are 0-based everywhere in files (``StepInfo.epoch`` too). Every file is written to a
 temporary sibling and renamed, so none is ever partial.
@@ -42,7 +49,7 @@ import sys
 import time
 import uuid
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -60,6 +67,8 @@ from .data import (BatchSchedule, SampleCache, TrainData, derive_seed, iteration
 from .device import device_name, resolve_device
 from .ema import TeacherSettings, ema_update, make_teacher
 from .errors import ConfigError, TrainingError
+from .execution import (LossQueue, match_state_layouts, nonfinite_loss_message, prepare_networks,
+                        resolve_execution, to_device)
 from .method import Batch, Method, MethodContext, StepInfo, check_method_class, make_hparams
 from .metrics import Counts, per_image_mean
 from .prepared import PreparedDataset
@@ -68,7 +77,7 @@ from .schedules import poly_lr
 from .status import write_host_file
 
 MODEL_SELECTION = "val per-image mean dice at the original size (Trainer.validate)"
-LOG_EVERY = 25  # iterations between "train" lines in train.jsonl
+LOG_EVERY = 25  # iterations between "train" lines in train.jsonl (and between loss reads)
 LOSS_PREFIX = "loss/"  # "loss/<optimiser name>": a loss stepped by that optimiser only
 CHECKPOINT_FORMAT = 2  # 2: carries best_model (format 1 resumes while its best.pt is intact)
 STREAM_INIT, STREAM_EPOCH, STREAM_AUG = 11, 12, 13  # random streams (see data.STREAM_*)
@@ -150,7 +159,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 def _check_same_config(saved_items: dict, cfg: RunConfig, path: Path) -> None:
-    diff = config_differences(saved_items, cfg.fingerprint_items())
+    diff = config_differences(RunConfig.comparable_items(saved_items), cfg.fingerprint_items())
     if diff:
         raise TrainingError(f"{path} was written under another config; differing keys: "
                             f"{', '.join(diff)}. Use the original config, or delete {path.parent} "
@@ -203,8 +212,9 @@ class EngineContext(MethodContext):
     """What a method gets while it is built: segmenters, EMA teachers and optimisers that the
     engine then schedules, steps and checkpoints."""
 
-    def __init__(self, cfg: RunConfig, device: torch.device):
+    def __init__(self, cfg: RunConfig, device: torch.device, fused_adam: bool = False):
         self.cfg, self.device = cfg, device
+        self.fused_adam = fused_adam  # train.fused_adam where it applies (CUDA)
         self.segmenters: list[nn.Module] = []
         self.optimizers: list[torch.optim.Optimizer] = []  # registration order
         self.optimizer_names: list[str] = []  # the same order; checkpoints key optimisers by name
@@ -248,6 +258,8 @@ class EngineContext(MethodContext):
             raise ConfigError(f"optimiser {name!r} shares parameters with optimiser(s) "
                               f"{', '.join(map(repr, shared))}")
         adam_options.setdefault("lr", self.cfg.train.lr)
+        if self.fused_adam and "foreach" not in adam_options:
+            adam_options.setdefault("fused", True)
         try:
             opt = torch.optim.Adam(params, **adam_options)
         except (TypeError, ValueError) as e:
@@ -338,16 +350,22 @@ class Trainer:
             BatchSchedule(len(self.data.labeled), len(self.data.unlabeled), t.batch_labeled,
                           t.batch_unlabeled, derive_seed(cfg.seed, STREAM_MORE_UNLABELED, j), self.iterations)
             for j in range(1, max(1, self.n_unlabeled_batches))]
-        self.amp = bool(t.amp and self.device.type == "cuda")
+        self.execution = resolve_execution(t, self.device)
+        self.amp = self.execution.dtype is not None  # autocast on (CUDA bf16 or fp16)
         self.images_per_step = t.batch_labeled + self.n_unlabeled_batches * t.batch_unlabeled
 
         seed_everything(derive_seed(cfg.seed, STREAM_INIT))
-        self.ctx = EngineContext(cfg, self.device)
+        self.ctx = EngineContext(cfg, self.device, fused_adam=self.execution.fused_adam)
         self.method: Method = self.method_cls(self.ctx, self.hparams).to(self.device)
         if not self.ctx.optimizers:
             raise ConfigError(f"method {cfg.method!r} registered no optimiser (ctx.add_optimizer)")
         self.ctx.check_optimizers(self.method, cfg.method)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        prepare_networks(self.method, self.ctx.segmenters + [te for _, te, _ in self.ctx.emas], self.execution)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.execution.grad_scaling)
+        self.loss_queue = LossQueue()  # losses of the steps not yet read (no per-step sync)
+        self.eval_set = None  # the val samples on the device (semibench.evaluate.EvalSet)
+        # the execution options of each process that trained part of this run
+        self.execution_history: list[dict] = []
 
         self.start_epoch = 0
         self.val_extra: dict[str, float] = {}  # val_dice/<name> of extra_validation_models()
@@ -366,6 +384,7 @@ class Trainer:
             "best": dict(self.best),
             "best_model": self.best_model,  # best.pt can always be re-derived (Snakemake deletes it)
             "timings": dict(self.timings),
+            "execution_history": list(self.execution_history),
             "fingerprint": self.cfg.fingerprint(),
             "config_items": self.cfg.fingerprint_items(),
         }
@@ -384,6 +403,7 @@ class Trainer:
             self.method.load_state_dict(state["method"])
             for name, opt in self.ctx.named_optimizers().items():
                 opt.load_state_dict(saved_opts[name])
+            match_state_layouts(self.ctx.optimizers)
         except (RuntimeError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TrainingError(f"{path} does not fit this run's method ({first}); delete it to "
@@ -394,6 +414,7 @@ class Trainer:
         self.best = dict(state["best"])
         self.best_model = state.get("best_model")
         self.timings = dict(state["timings"])
+        self.execution_history = list(state.get("execution_history") or [])
 
     # -- one step ------------------------------------------------------------------------
     def set_lr(self, iteration: int) -> float:
@@ -406,20 +427,42 @@ class Trainer:
         dev, d = self.device, self.data
         gen = make_generator(self.cfg.seed, STREAM_AUG, epoch, it)
         idx = self.schedule.labeled(epoch, it)
-        x, y = augment_labeled(d.labeled.images[idx].to(dev), d.labeled.masks[idx].to(dev), gen, self.aug)
+        x, y = augment_labeled(to_device(d.labeled.images[idx], dev), to_device(d.labeled.masks[idx], dev),
+                               gen, self.aug)
         unlabeled, more = {}, []
         if self.views is not None:
-            u = d.unlabeled.images[self.schedule.unlabeled(epoch, it)].to(dev)
+            u = to_device(d.unlabeled.images[self.schedule.unlabeled(epoch, it)], dev)
             unlabeled = make_views(self.views, u, gen, self.aug, **self.method_cls.view_options)
             for j, schedule in enumerate(self.more_schedules, start=1):
-                u = d.unlabeled.images[schedule.unlabeled(epoch, it)].to(dev)
+                u = to_device(d.unlabeled.images[schedule.unlabeled(epoch, it)], dev)
                 gen_j = make_generator(self.cfg.seed, STREAM_AUG, epoch, it, j)
                 more.append(make_views(self.views, u, gen_j, self.aug, **self.method_cls.view_options))
         return Batch(labeled_image=x, labeled_mask=y, unlabeled=unlabeled, more_unlabeled=more)
 
     def train_step(self, epoch: int, it: int) -> dict[str, float]:
-        """One optimisation step; returns the losses as floats. Raises :class:`TrainingError`
-        on a non-finite loss, before the backward pass and any optimiser step."""
+        """One optimisation step; returns the losses as floats (a host synchronisation). Raises
+        :class:`TrainingError` on a non-finite loss, before the backward pass and any optimiser
+        step. The training loop uses :meth:`run_step` instead."""
+        return self._step(epoch, it, read_now=True)
+
+    def run_step(self, epoch: int, it: int) -> None:
+        """One optimisation step without a host synchronisation: its losses are queued on the
+        device until :meth:`read_losses`."""
+        self._step(epoch, it, read_now=False)
+
+    def read_losses(self) -> list[dict[str, float]]:
+        """The losses of the steps run since the last read, in step order; :class:`TrainingError`
+        naming the first step with a non-finite loss (see :mod:`semibench.execution`)."""
+        return self.loss_queue.read(self._where, self._context())
+
+    def _where(self, step: tuple[int, int, int]) -> str:
+        iteration, epoch, it = step
+        return f"step {iteration} (epoch {epoch}, iteration {it} of the epoch; 0-based)"
+
+    def _context(self) -> str:
+        return f" in {self.cfg.method} run {self.cfg.dataset} 1/{self.ratio} seed {self.cfg.seed}"
+
+    def _step(self, epoch: int, it: int, read_now: bool) -> dict[str, float] | None:
         t = self.cfg.train
         iteration = epoch * self.iterations + it
         self.lr = self.set_lr(iteration)
@@ -427,13 +470,21 @@ class Trainer:
         info = StepInfo(epoch=epoch, epochs=t.epochs, iteration=iteration, iterations=self.total,
                         unsup_active=epoch >= t.unsup_start_epoch,
                         unsup_start_iteration=t.unsup_start_epoch * self.iterations)
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
-        with autocast:
+        with self.execution.autocast():
             losses = self.method.training_step(batch, info)
         per_optimizer = self._per_optimizer_losses(losses)
         if per_optimizer:  # the logged total; nothing back-propagates it
             losses = {"loss": sum(v.detach().float() for _, v in per_optimizer), **losses}
-        values = self._loss_values(losses, iteration, epoch, it)
+        names, stacked = self._stack_losses(losses)
+        values = None
+        if read_now:
+            host = stacked.cpu().tolist()
+            message = nonfinite_loss_message(names, host, self._where((iteration, epoch, it)), self._context())
+            if message:
+                raise TrainingError(message)
+            values = dict(zip(names, host))
+        else:
+            self.loss_queue.push(names, stacked, (iteration, epoch, it))
         self._update(losses["loss"], per_optimizer)
         self.ctx.update_teachers(iteration)
         return values
@@ -486,7 +537,8 @@ class Trainer:
         if stepped:
             self.scaler.update()
 
-    def _loss_values(self, losses: dict, iteration: int, epoch: int, it: int) -> dict[str, float]:
+    def _stack_losses(self, losses: dict) -> tuple[list[str], torch.Tensor]:
+        """The names and a 1-D float32 tensor on the device of a step's scalar losses."""
         names, vals = [], []
         for name, v in losses.items():
             v = torch.as_tensor(v).detach()
@@ -495,30 +547,25 @@ class Trainer:
                                     f"(shape {tuple(v.shape)})")
             names.append(name)
             vals.append(v.float().reshape(()).to(self.device))
-        host = torch.stack(vals).cpu().tolist()  # one device sync per step
-        # name the culprit term first: the total "loss" is only non-finite because of it
-        bad = sorted(((n, v) for n, v in zip(names, host) if not math.isfinite(v)), key=lambda b: b[0] == "loss")
-        if bad:
-            also = f" (also non-finite: {', '.join(repr(n) for n, _ in bad[1:])})" if bad[1:] else ""
-            raise TrainingError(f"non-finite loss {bad[0][0]!r} = {bad[0][1]} at step {iteration} (epoch {epoch}, "
-                                f"iteration {it} of the epoch; 0-based){also} in {self.cfg.method} run "
-                                f"{self.cfg.dataset} 1/{self.ratio} seed {self.cfg.seed}")
-        return dict(zip(names, host))
+        return names, torch.stack(vals)
 
     # -- validation ----------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> float:
         """Model selection score: the per-image mean Dice over the val samples at their original
-        size, computed by the code that scores the test set (:func:`semibench.evaluate.
-        predict_counts`), so the selected epoch is the best one in the table's convention."""
-        from .evaluate import predict_counts
+        size, computed by the code that scores the test set (:class:`semibench.evaluate.EvalSet`:
+        resize and argmax on the device, the val inputs kept there between epochs), so the
+        selected epoch is the best one in the table's convention."""
+        from .evaluate import EvalSet
         model = self.method.inference_model()
         was_training = self.method.training
-        source = SampleCache(self.data.val_samples) if self.data.val_samples else PreparedDataset(
-            Path(self.cfg.data_dir) / "prepared" / self.cfg.dataset)
+        if self.eval_set is None:
+            source = SampleCache(self.data.val_samples) if self.data.val_samples else PreparedDataset(
+                Path(self.cfg.data_dir) / "prepared" / self.cfg.dataset)
+            self.eval_set = EvalSet([source.load(i) for i in self.data.val.ids], self.cfg.train.input_size,
+                                    self.cfg.train.eval_batch_size, self.device, pad=self.execution.compile)
         def dice(net) -> float:
-            rows = predict_counts(net, source, list(self.data.val.ids), self.cfg.train.input_size,
-                                  self.cfg.train.eval_batch_size, self.device, amp=self.amp)
+            rows = self.eval_set.counts(net, self.execution.autocast())
             return per_image_mean([Counts(r["tp"], r["fp"], r["tn"], r["fn"]) for r in rows])["dice"]
         score = dice(model)
         # Method.extra_validation_models: logged as val_dice/<name> in the epoch line, not selected on
@@ -544,6 +591,9 @@ class Trainer:
             warnings.warn(note, stacklevel=2)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        if self.start_epoch < t.epochs:
+            self.execution_history.append({"first_epoch": self.start_epoch, "device": str(self.device),
+                                           **self.execution.record()})
         wall0 = time.perf_counter()
         with open(log_path, "a") as log:
             for epoch in range(self.start_epoch, t.epochs):
@@ -608,14 +658,21 @@ class Trainer:
                    f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, mininterval=1.0, unit="it")
         lr = float("nan")
         for it in bar:
-            values = self.train_step(epoch, it)
+            try:
+                self.run_step(epoch, it)
+            except Exception as e:
+                self._raise_queued_nonfinite(e)
+                raise
             lr = self.lr
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-                window[k] = window.get(k, 0.0) + v
             n_window += 1
             last = it == self.iterations - 1
             if n_window == LOG_EVERY or (last and n_window):
+                # one host synchronisation per window; the epoch's last read precedes its
+                # validation and checkpoint, so a non-finite loss stops the run before either
+                for values in self.read_losses():
+                    for k, v in values.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                        window[k] = window.get(k, 0.0) + v
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t_window
@@ -631,6 +688,16 @@ class Trainer:
         self.timings["train_s"] += train_s
         self.timings["images"] += self.iterations * self.images_per_step
         return {k: v / self.iterations for k, v in sums.items()}, lr, train_s
+
+    def _raise_queued_nonfinite(self, error: Exception) -> None:
+        """A step failed: when a queued loss was already non-finite, that is the cause to
+        report (a method may fail on the NaN weights a later step sees)."""
+        try:
+            self.read_losses()
+        except TrainingError as e:
+            raise e from error
+        except Exception:
+            pass  # the queue cannot be read (e.g. a failed CUDA context): report the step's error
 
     @staticmethod
     def _log(log, **record) -> None:
@@ -663,6 +730,8 @@ class Trainer:
             "versions": versions(),
             "device": {"spec": cfg.device, "device": str(self.device), "name": device_name(self.device),
                        "amp": self.amp, "threads": torch.get_num_threads()},
+            # this process's options, and those of each process that trained epochs of the run
+            "execution": {**self.execution.record(), "history": self.execution_history},
             "weights_info": {"segmenters": infos, "note": note},
             "timings": {"train_s": tm["train_s"], "val_s": tm["val_s"],
                         "total_s": tm["train_s"] + tm["val_s"], "this_process_wall_s": wall_s,

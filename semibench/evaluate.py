@@ -49,6 +49,7 @@ from .config import RunConfig
 from .data import load_split, preprocess
 from .device import device_name, resolve_device
 from .errors import DataError, TrainingError
+from .execution import resolve_execution, to_device
 from .instances import (INSTANCE_METRIC_NAMES, STAT_NAMES, InstanceStats, check_instance_options,
                         dataset_scores, instance_scores, instances_from_mask, match)
 from .metrics import METRIC_INFO, METRIC_NAMES, Counts, confusion, pooled, scores
@@ -118,37 +119,93 @@ def load_inference_model(run_dir: Path, cfg: RunConfig) -> tuple[DenseUNet, dict
     return model, extra
 
 
+def _chunks(items: list, n: int) -> Iterator[list]:
+    for start in range(0, len(items), n):
+        yield items[start:start + n]
+
+
+def full_size_logits(model: torch.nn.Module, x: torch.Tensor, shapes: list[tuple[int, int]],
+                     autocast=None) -> list[torch.Tensor]:
+    """Each sample's float32 logits (C, h, w) at its original size ``shapes[i]``: the batch ``x``
+    (at the input size) through ``model``, then one bilinear resize per distinct original size,
+    all on ``x``'s device and without a host synchronisation."""
+    with autocast if autocast is not None else nullcontext():
+        logits = model(x, project=False).logits
+    logits = logits[:len(shapes)].float()  # a padded batch has more inputs than samples
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, shape in enumerate(shapes):
+        groups.setdefault(tuple(shape), []).append(i)
+    full: list[torch.Tensor] = [logits[0]] * len(shapes)
+    for (h, w), idx in groups.items():
+        # a list index would be copied to the GPU with a blocking copy; stacking views is not
+        part = logits if len(idx) == len(shapes) else torch.stack([logits[i] for i in idx])
+        up = F.interpolate(part, size=(h, w), mode="bilinear", align_corners=False)
+        for j, i in enumerate(idx):
+            full[i] = up[j]
+    return full
+
+
 @torch.no_grad()
 def predict_samples(model: torch.nn.Module, dataset: PreparedDataset, ids: list[str], size: int,
-                    batch_size: int, device: torch.device, amp: bool = True
+                    batch_size: int, device: torch.device, autocast=None
                     ) -> Iterator[tuple[Sample, torch.Tensor, torch.Tensor]]:
     """Yield (sample, mask, probability) per id: the predicted mask (bool) and the foreground
-    probability (float32) at the sample's original size, as tensors on ``device``."""
+    probability (float32) at the sample's original size, as tensors on ``device``. Images are
+    resized on ``device``; ``autocast``: a context (default none: the model's own dtype)."""
     model.eval().to(device)
-    autocast = (torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda"
-                else nullcontext())
-    for start in tqdm(range(0, len(ids), batch_size), desc="evaluate", unit="batch", leave=False):
-        samples = [dataset.load(i) for i in ids[start:start + batch_size]]
-        x = torch.stack([preprocess(s.image, size) for s in samples]).to(device)
-        with autocast:
-            logits = model(x, project=False).logits
-        for s, lg in zip(samples, logits):
-            h, w = s.label.shape
-            full = F.interpolate(lg[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
+    for chunk in tqdm(list(_chunks(ids, batch_size)), desc="evaluate", unit="batch", leave=False):
+        samples = [dataset.load(i) for i in chunk]
+        x = torch.stack([preprocess(s.image, size, device) for s in samples])
+        full = full_size_logits(model, x, [s.label.shape for s in samples], autocast)
+        for s, lg in zip(samples, full):
             # the mask from the argmax, not from p > 0.5: float32 softmax can round to 0.5
-            yield s, full.argmax(0) == 1, torch.softmax(full, 0)[1]
+            yield s, lg.argmax(0) == 1, torch.softmax(lg, 0)[1]
+
+
+class EvalSet:
+    """Samples made ready once on ``device`` for repeated scoring (validation after every
+    epoch): the inputs at the training size in batches, the truth masks at the original size.
+    ``pad``: a short last batch is filled up with copies of its last input (their outputs are
+    dropped), so a compiled network sees one batch shape and is not compiled again for it."""
+
+    def __init__(self, samples: list[Sample], size: int, batch_size: int, device: torch.device,
+                 pad: bool = False):
+        self.batches = []
+        for chunk in _chunks(list(samples), batch_size):
+            x = torch.stack([preprocess(s.image, size, device) for s in chunk])
+            if pad and len(chunk) < batch_size:
+                x = torch.cat([x, x[-1:].expand(batch_size - len(chunk), *x.shape[1:])])
+            truths = [to_device(torch.from_numpy(s.mask), device).bool() for s in chunk]
+            self.batches.append((chunk, x, truths))
+
+    @torch.no_grad()
+    def counts(self, model: torch.nn.Module, autocast=None) -> list[dict]:
+        """Per-sample rows (id, height, width, tp, fp, tn, fn) of the model's predictions; one
+        host synchronisation for the whole set."""
+        was_training = model.training
+        model.eval()
+        samples, stats = [], []
+        for chunk, x, truths in self.batches:
+            full = full_size_logits(model, x, [t.shape for t in truths], autocast)
+            for s, lg, t in zip(chunk, full, truths):
+                p = lg.argmax(0) == 1
+                stats.append(torch.stack([(p & t).sum(), (p & ~t).sum(), (~p & t).sum()]))
+                samples.append(s)
+        model.train(was_training)
+        host = torch.stack(stats).cpu().tolist() if stats else []
+        rows = []
+        for s, (tp, fp, fn) in zip(samples, host):
+            h, w = s.label.shape
+            rows.append({"id": s.id, "height": h, "width": w, "tp": tp, "fp": fp,
+                         "tn": h * w - tp - fp - fn, "fn": fn})
+        return rows
 
 
 def predict_counts(model: torch.nn.Module, dataset: PreparedDataset, ids: list[str], size: int,
-                   batch_size: int, device: torch.device, amp: bool = True) -> list[dict]:
+                   batch_size: int, device: torch.device, autocast=None) -> list[dict]:
     """Per-sample rows (id, height, width, counts) of the model's predictions."""
-    rows = []
-    for s, mask, _ in predict_samples(model, dataset, ids, size, batch_size, device, amp):
-        h, w = s.label.shape
-        c = confusion(mask, torch.from_numpy(s.mask).to(mask.device))
-        rows.append({"id": s.id, "height": h, "width": w, "tp": c.tp, "fp": c.fp, "tn": c.tn,
-                     "fn": c.fn})
-    return rows
+    model.eval().to(device)
+    return EvalSet([dataset.load(i) for i in ids], size, batch_size, device).counts(model, autocast)
 
 
 def score_sample(sample_id: str, source_id: str, truth: np.ndarray, mask: np.ndarray,
@@ -248,6 +305,7 @@ def _write_results(run_dir: Path, cfg: RunConfig, train_done: dict, rows: list[d
         "device": {"eval": inference.get("device"), "eval_name": inference.get("device_name"),
                    "train": train_done.get("device")},
         "weights": train_done.get("weights_info"),
+        "execution": {"train": train_done.get("execution"), "eval": inference.get("execution")},
         "checkpoint": inference.get("checkpoint"),
         "timings": {"train": train_done.get("timings"),
                     "eval_seconds": inference.get("eval_seconds"),
@@ -290,14 +348,18 @@ def evaluate_run(run_dir: Path, device: str | None = None, instances: str = DEFA
         tmp_prob.mkdir()
         t0 = time.perf_counter()
         saved = []
+        ex = resolve_execution(cfg.train, dev)
+        if ex.channels_last:
+            model.to(memory_format=torch.channels_last)
         for s, mask, prob in predict_samples(model, dataset, test_ids, cfg.train.input_size,
-                                             cfg.train.eval_batch_size, dev, amp=cfg.train.amp):
+                                             cfg.train.eval_batch_size, dev, ex.autocast()):
             m = mask.cpu().numpy()
             _save_png(tmp_pred / f"{s.id}.png", m.astype(np.uint8) * 255)
             _save_png(tmp_prob / f"{s.id}.png",
                       torch.round(prob * 255).clamp(0, 255).to(torch.uint8).cpu().numpy())
             saved.append((s.id, s.label, m))
         inference = {"device": str(dev), "device_name": device_name(dev), "checkpoint": ckpt_info,
+                     "execution": {"precision": ex.precision, "channels_last": ex.channels_last},
                      "eval_seconds": time.perf_counter() - t0, "n": len(saved)}
         (tmp_pred / INFERENCE_INFO).write_text(json.dumps(inference, indent=1) + "\n")
         (run_dir / "metrics.json").unlink(missing_ok=True)  # stale until the new one is written

@@ -26,6 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .execution import to_device  # CPU-drawn boxes and flips to the GPU without a host sync
+
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean pixel-wise cross-entropy of (B, C, H, W) logits against (B, H, W) class indices,
@@ -87,7 +89,7 @@ def sample_flip_rot(batch: int, generator: torch.Generator | None = None,
     """Uniform per-sample flip ∈ {0, 1} and k ∈ {0, 1, 2, 3} (8 combinations)."""
     flip = torch.randint(0, 2, (batch,), generator=generator).bool()
     k = torch.randint(0, 4, (batch,), generator=generator)
-    return flip.to(device), k.to(device)
+    return to_device(flip, torch.device(device)), to_device(k, torch.device(device))
 
 
 def box_boxes(batch: int, height: int, width: int, area: float = 0.5,
@@ -116,7 +118,7 @@ def box_masks(batch: int, height: int, width: int, area: float = 0.5,
     cols = torch.arange(width)[None, None, :]
     t, l_, h, w = (boxes[:, i, None, None] for i in range(4))
     inside = (rows >= t) & (rows < t + h) & (cols >= l_) & (cols < l_ + w)
-    return inside[:, None].to(device=device, dtype=dtype)
+    return to_device(inside[:, None], torch.device(device), dtype)
 
 
 def mix(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -156,7 +158,7 @@ def cutmix_box_masks(batch: int, height: int, width: int, p: float = 0.5,
     cols = torch.arange(width)[None, None, :]
     t, l_, h, w = (v[:, None, None] for v in (top, left, h, w))
     inside = (rows >= t) & (rows < t + h) & (cols >= l_) & (cols < l_ + w) & present[:, None, None]
-    return inside[:, None].to(device=device, dtype=dtype)
+    return to_device(inside[:, None], torch.device(device), dtype)
 
 
 def paste(box: torch.Tensor, into: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

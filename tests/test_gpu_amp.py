@@ -1,6 +1,7 @@
-"""Per-optimiser losses under CUDA AMP (float16 autocast, one GradScaler for every optimiser):
-an optimiser that gets no gradient in a step is skipped (GradScaler.step would raise "No inf
-checks were recorded for this optimizer"), and GCT's three optimisers all step."""
+"""Per-optimiser losses under CUDA AMP (float16 autocast with one GradScaler for every
+optimiser; bfloat16 autocast without one), with the fused Adam of the defaults: an optimiser that
+gets no gradient in a step is skipped (GradScaler.step would raise "No inf checks were recorded
+for this optimizer"), and GCT's three optimisers all step."""
 from __future__ import annotations
 
 import math
@@ -16,16 +17,25 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def _cuda_trainer(root, tmp_path, method, **kw):
-    cfg = toy_config(root, method, amp=True, unsup_start_epoch=0, **kw)
+@pytest.fixture(params=["fp16", "bf16"])
+def precision(request):
+    if request.param == "bf16" and torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("no native bf16 on this GPU")
+    return request.param
+
+
+def _cuda_trainer(root, tmp_path, method, precision="fp16", **kw):
+    cfg = toy_config(root, method, precision=precision, unsup_start_epoch=0, **kw)
     cfg.device = "cuda"
     tr = Trainer(cfg, tmp_path)
-    assert tr.amp and tr.scaler.is_enabled()
+    assert tr.amp and tr.execution.precision == precision
+    assert tr.scaler.is_enabled() == (precision == "fp16")  # bf16 needs no loss scaling
+    assert all(o.defaults.get("fused") for o in tr.ctx.optimizers)
     return tr
 
 
-def test_amp_skips_the_optimiser_without_gradient(toy_root, tmp_path, two_methods):  # noqa: F811
-    tr = _cuda_trainer(toy_root, tmp_path, "_test_two", method_params={"mode": "only_a"})
+def test_amp_skips_the_optimiser_without_gradient(toy_root, tmp_path, two_methods, precision):  # noqa: F811
+    tr = _cuda_trainer(toy_root, tmp_path, "_test_two", precision, method_params={"mode": "only_a"})
     critic = [p.detach().clone() for p in tr.method.critic.parameters()]
     for it in range(3):
         values = tr.train_step(0, it)  # would raise in GradScaler.step without the skip
@@ -35,16 +45,16 @@ def test_amp_skips_the_optimiser_without_gradient(toy_root, tmp_path, two_method
     assert tr.ctx.named_optimizers()["a"].state != {}
 
 
-def test_amp_two_optimisers_both_step(toy_root, tmp_path, two_methods):  # noqa: F811
-    tr = _cuda_trainer(toy_root, tmp_path, "_test_two")
+def test_amp_two_optimisers_both_step(toy_root, tmp_path, two_methods, precision):  # noqa: F811
+    tr = _cuda_trainer(toy_root, tmp_path, "_test_two", precision)
     before = [p.detach().clone() for p in tr.method.critic.parameters()]
     for it in range(3):
         tr.train_step(0, it)
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.method.critic.parameters()))
 
 
-def test_amp_gct_steps_its_three_optimisers(toy_root, tmp_path):  # noqa: F811
-    tr = _cuda_trainer(toy_root, tmp_path, "gct", method_params={"fd_channels": 8})
+def test_amp_gct_steps_its_three_optimisers(toy_root, tmp_path, precision):  # noqa: F811
+    tr = _cuda_trainer(toy_root, tmp_path, "gct", precision, method_params={"fd_channels": 8})
     m = tr.method
     nets = (m.task_l, m.task_r, m.flaw_detector)
     before = [[p.detach().clone() for p in n.parameters()] for n in nets]

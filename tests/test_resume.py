@@ -168,18 +168,18 @@ def test_killed_mid_epoch_replays_the_epoch(toy_root, tmp_path, local_methods, m
     monkeypatch.setattr(engine, "LOG_EVERY", 1)  # a train.jsonl line per step, so the kill leaves some
     cfg = toy_config(toy_root, "_test_mt", epochs=2, unsup_start_epoch=0)
     train(cfg, tmp_path / "whole")
-    step = Trainer.train_step
+    step = Trainer.run_step  # the step the training loop runs
 
     def dying_step(self, epoch, it):
         if (epoch, it) == (1, 2):
             raise Killed
         return step(self, epoch, it)
 
-    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    monkeypatch.setattr(Trainer, "run_step", dying_step)
     with pytest.raises(Killed):
         train(cfg, tmp_path / "resumed")
     log = (tmp_path / "resumed" / "train.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in log].count(1) == 2  # two steps of epoch 1 were logged
-    monkeypatch.setattr(Trainer, "train_step", step)
+    monkeypatch.setattr(Trainer, "run_step", step)
     train(cfg, tmp_path / "resumed")
     _assert_same_runs(tmp_path / "whole", tmp_path / "resumed")
