@@ -349,3 +349,25 @@ def test_weights_note():
     assert "offline" in weights_note([{"requested": "imagenet", "used": "random-init", "reason": "offline"}])
     assert weights_note([{"requested": "imagenet", "used": "imagenet:/x.pth"}]) == "weights used: imagenet:/x.pth"
     assert weights_note([{"requested": "none", "used": "random-init"}]) == "weights used: random-init"
+
+
+@pytest.mark.parametrize("method", ["meanteacher", "fixmatch"])
+def test_the_unlabeled_stream_is_exactly_the_train_images_without_labels(method, toy_root, tmp_path):
+    """End to end through the engine's own data: every unlabeled image a method is shown in an
+    epoch is a train image without a label, each of them is shown, and no labeled, val or test
+    image is (the unlabeled pool of a semi-supervised run)."""
+    from semibench.data import resize_image_uint8
+    from semibench.prepared import PreparedDataset
+    tr = Trainer(toy_config(toy_root, method, ratio=4, batch_unlabeled=3), tmp_path)
+    split = json.loads((toy_root / "splits" / "toy" / "seed0.json").read_text())
+    labeled = set(split["labeled"]["4"])
+    expected = [i for i in split["train"] if i not in labeled]
+    assert tr.data.unlabeled.ids == expected and len(expected) == 12 - 3
+    prepared = PreparedDataset(toy_root / "data" / "prepared" / "toy")
+    for sid, image in zip(tr.data.unlabeled.ids, tr.data.unlabeled.images):  # the pixels, not just the ids
+        assert torch.equal(image, resize_image_uint8(prepared.load(sid).image, 64))
+    schedules = [tr.schedule, *tr.more_schedules]
+    for schedule in schedules:
+        shown = torch.cat([schedule.unlabeled(0, it) for it in range(tr.iterations)])
+        assert set(shown.tolist()) == set(range(len(expected)))  # all of them, nothing else
+    assert len(schedules) == tr.n_unlabeled_batches
