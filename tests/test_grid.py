@@ -100,3 +100,25 @@ def test_extended_config_adds_fixmatch_and_unimatch_to_every_table1_cell():
     cells = {(r.dataset, r.ratio, r.seed) for r in base if r.method == "suponly"}
     assert sorted(extra) == sorted(Run(d, m, k, s) for d, k, s in cells for m in ("fixmatch", "unimatch"))
     assert len(extra) == 2 * 2 * 3 * 3  # two methods, two datasets, three ratios, three seeds
+
+
+def test_mini_benchmark_is_the_dsb_1_128_study_run_for_run():
+    """config/studies/mini.yaml stands alone, but its expected results are the measured study's
+    (headroom.yaml + semi-cpu-128.yaml): the same runs, each with the same resolved config."""
+    from semibench.config import RunConfig
+
+    base = [ROOT / "config" / "config.yaml"]
+    mini = load_workflow_config([*base, ROOT / "config" / "studies" / "mini.yaml"])
+    study = load_workflow_config([*base, *(ROOT / "config" / "studies" / f"{name}.yaml"
+                                           for name in ("headroom", "semi-cpu-128"))])
+    methods = ("suponly", "meanteacher", "cutmix", "cdcl", "fixmatch", "unimatch")
+    want = [Run("dsb2018", m, 128, s) for m in methods for s in (0, 1, 2)]
+    want += [Run("dsb2018", "fullsup", 1, s) for s in (0, 1, 2)]
+    runs = all_runs(mini)
+    assert sorted(runs) == sorted(want)
+    assert set(runs) <= set(all_runs(study))
+    for run in runs:
+        a = RunConfig.from_workflow(mini, *run).to_dict()
+        b = RunConfig.from_workflow(study, *run).to_dict()
+        assert a == b, run
+    assert mini["threads"] == study["threads"]  # one thread per run: the same float sums
