@@ -1,5 +1,5 @@
 """CAC: Directional Context-aware Consistency (Lai et al., CVPR 2021), after the official
-``dvlab-research/Context-Aware-Consistency`` (facts: ../shared/design/competitors.md §5).
+``dvlab-research/Context-Aware-Consistency``.
 
 One network (the shared DenseUNet: extractor at 1/4, classifier, projector at 1/8), no teacher.
 Per step, besides L_s = CE on the labeled batch:

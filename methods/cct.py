@@ -23,16 +23,16 @@
 Defaults: the official ``configs/config.json`` of ``yassouali/CCT`` @65d4e5b (cited per field);
 the feature-drop range is hard-coded in its ``models/decoders.py``.
 
-Decisions ([D] of ../shared/design/competitors.md §4 and §7):
-- C1 / §7.12, heads: the main decoder is the shared classifier with its bilinear upsampling;
+Decisions (where the paper and the official code leave a choice, or differ):
+- C1, heads: the main decoder is the shared classifier with its bilinear upsampling;
   each aux head is a fresh, independently initialised instance of the same classifier
   (3×3 conv, Dropout2d 0.3, BN, ReLU, 1×1 conv), since CCT's aux decoders share the main
   decoder's architecture; no ReLU/PixelShuffle (that would make logits ≥ 0, a quirk of the
   original head, not of the method). Their Dropout2d and BN come with the copy.
-- §7.12, K and learning rate: K = 30 with the official counts (the default the paper's own
+- K and learning rate: K = 30 with the official counts (the default the paper's own
   code uses; PixelSSL's K = 11 is a port's choice); aux heads at 1× the learning rate, in the
   student's optimiser, as the official code (its heads share the head's LR group).
-- §7.13, resolution: main and aux logits are upsampled to the input size before softmax-MSE,
+- Resolution: main and aux logits are upsampled to the input size before softmax-MSE,
   as the official decoders compare full-resolution outputs and the guided masks are built at
   full resolution.
 - C2, VAT: the adversarial direction by ``torch.autograd.grad`` in float32 with autocast off,
@@ -45,7 +45,7 @@ Decisions ([D] of ../shared/design/competitors.md §4 and §7):
   of ε = 2; and ξ·d lies below float32 resolution, so the direction itself has cosine ~0.2 / ~0
   to the float64 direction (0.99 at ξ = 1e-3). ξ stays at the official 1e-6 (configurable as
   ``xi``); at that value the VAT heads in effect see a random perturbation of norm ε.
-- C4 / §7.14, G-Cutout: objects are the 8-connected components of the predicted nucleus mask at
+- C4, G-Cutout: objects are the 8-connected components of the predicted nucleus mask at
   full resolution (``scipy.ndimage``; what ``cv2.findContours(RETR_EXTERNAL)`` outlines), and
   every object is cut. The official ">50 contour points" filter is dropped: it counts the points
   left by ``CHAIN_APPROX_SIMPLE`` compression (a square of any size has 4), makes G-Cutout a
@@ -55,7 +55,7 @@ Decisions ([D] of ../shared/design/competitors.md §4 and §7):
 - The main head's unlabeled prediction (target and guidance of the masks) is its ordinary
   training-mode output (BN batch statistics, its dropout on), as the official target comes from
   the training-mode forward.
-- §7.17, schedules: the engine's optimiser, poly LR, batch sizes and run length, as for every
+- Schedules: the engine's optimiser, poly LR, batch sizes and run length, as for every
   method (a fair comparison on one engine); CCT's loss-specific values are kept (weight 30) and
   its ramp-up is rescaled to the run as the same fraction (10 %). No EMA teacher (CCT has none),
   so ``train.ema_alpha`` does not apply.
@@ -65,7 +65,7 @@ Decisions ([D] of ../shared/design/competitors.md §4 and §7):
   w_u reached 30 and test DC ended 0.055 below SupOnly (seed 0); w_u = 30·2/21 ≈ 2.86
   (``method_params.cct.weight_u``), the official per-pixel balance, kept it rising and scored
   +0.050 over w_u = 30 on that seed. docs/results-cpu-dsb.md has the runs.
-- §0.1 / §7.16, classifier dropout: decided in semibench/model.py (gated by train/eval); the aux
+- Classifier dropout: decided in semibench/model.py (gated by train/eval); the aux
   heads inherit it, and the evaluated student predicts without it.
 - Ramp-up over 10 % of the *iterations* that train L_u, from the engine's start epoch on: the
   official code trains L_u from iteration 0, so there the ramp starts with it. Counted from

@@ -15,7 +15,7 @@ Per step, on two independently drawn unlabeled batches x_a and x_b (the engine's
   γ = 1, no ramp-up.
 
 Defaults from the official BMVC-era code (``Britefury/cutmix-semisup-seg`` @79ece5a,
-``train_seg_semisup_mask_mt.py`` and ``mask_gen.py``; ../shared/design/competitors.md §2):
+``train_seg_semisup_mask_mt.py`` and ``mask_gen.py``):
 γ = cons_weight 1.0, conf_thresh 0.97 (batch scalar), mask_prop_range 0.5 with one box, random
 aspect ratio and within bounds, teacher α 0.99 on all float state (BN statistics included), no
 warm-up, teacher in train mode.

@@ -1,5 +1,5 @@
 """GCT: Guided Collaborative Training (Ke et al., ECCV 2020), after the official PixelSSL
-``pixelssl/ssl_algorithm/ssl_gct.py`` (facts: ../shared/design/competitors.md §3).
+``pixelssl/ssl_algorithm/ssl_gct.py``.
 
 Two task models f_l and f_r (two shared DenseUNets, no EMA) see the same batch (labeled ⊕
 unlabeled, one ``"single"`` view); a flaw detector F (:class:`FlawDetector`, image ⊕ softmax,

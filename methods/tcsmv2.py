@@ -16,7 +16,7 @@ Per step, on one unlabeled batch (the engine's ``"single"`` view: one augmented 
   starts its consistency at iteration 0).
 
 Defaults from the official code (``xmengli999/TCSM`` ``train_tcsm_mean.py``, its
-``scripts_skin/train_50tcsm.sh`` and ``lib.py``; see ../shared/design/competitors.md §1):
+``scripts_skin/train_50tcsm.sh`` and ``lib.py``):
 consistency 1.0 (script), ramp-up 600 of 800 "epochs" → 0.75 of training, EMA α 0.999 with the
 warm-up min(1 − 1/(t+1), α) on parameters only, noise σ = 0.5 grey levels, scale U(0.9, 1.1),
 flip and k uniform.

@@ -1,6 +1,6 @@
 """Significance tests for the report: pure functions, frames in, frames out.
 
-Protocol (docs/statistics.md; ../shared/design/statistics.md §4):
+Protocol (docs/statistics.md):
 
 - The unit is the **source image**. A case value is the mean of the image's tiles in one seed
   (MoNuSeg: 16 tiles -> one of 14 images; DSB: the image itself), then the mean over the seeds
