@@ -393,3 +393,30 @@ def test_comparisons_page_in_points_with_stable_ids(tmp_path):
     assert "zsplit" not in page and "T_comparisons" in page
     _table(tmp_path / "again", make_runs(tmp_path / "runs2"))
     assert (tmp_path / "again" / "stats" / "comparisons.html").read_text() == page
+
+
+def _set_selection(metrics_file: Path, epoch: int, start: int, unlabeled: int) -> None:
+    doc = json.loads(metrics_file.read_text())
+    doc["meta"].update(checkpoint={"epoch": epoch}, config={"train": {"unsup_start_epoch": start}},
+                       train_done={"n_unlabeled": unlabeled})
+    metrics_file.write_text(json.dumps(doc))
+
+
+def test_footnote_names_runs_selected_before_the_unsupervised_start(tmp_path):
+    """A semi-supervised run whose best validation epoch precedes the unsupervised gate is scored
+    with its labeled stage only (on real data Mean Teacher's seed 0 was SupOnly's network, Δ = 0):
+    the table says so. The gate epoch itself and runs without unlabeled images are not named."""
+    files = make_runs(tmp_path / "runs")
+    by_run = {tuple(f.parts[-5:-1]): f for f in files}
+    _set_selection(by_run[("dsb2018", "meanteacher", "r32", "seed1")], 1, 2, 100)
+    _set_selection(by_run[("dsb2018", "meanteacher", "r32", "seed0")], 2, 2, 100)  # at the gate
+    _set_selection(by_run[("dsb2018", "cdcl", "r8", "seed2")], 4, 5, 100)
+    _set_selection(by_run[("dsb2018", "fullsup", "r1", "seed0")], 0, 2, 0)  # no unlabeled images
+    _table(tmp_path, files)
+    md = (tmp_path / "tables" / "table1.md").read_text()
+    assert ("Selected (best validation epoch) before the unsupervised losses start, so scored with "
+            "a network that never trained on an unlabeled image: CDCL dsb2018 1/8 seed 2 (epoch 4, "
+            "start 5); MeanTeacher dsb2018 1/32 seed 1 (epoch 1, start 2).") in md
+    assert "seed 0 (epoch" not in md
+    _table(tmp_path / "plain", make_runs(tmp_path / "runs2"))
+    assert "Selected (best" not in (tmp_path / "plain" / "tables" / "table1.md").read_text()

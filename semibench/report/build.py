@@ -103,6 +103,18 @@ def data_notes(results: Results, plan: ReportPlan, section=None, limit: int = 3)
     return notes
 
 
+def selection_notes(results: Results, section=None) -> list[str]:
+    """The runs that trained on unlabeled images but whose selected (best validation) epoch
+    precedes the unsupervised losses' start: the network they are scored with never saw an
+    unlabeled image, so their row measures the labeled stage only."""
+    notes = []
+    for (d, m, k, seed), (epoch, start, unlabeled) in sorted(results.selected.items()):
+        if unlabeled > 0 and epoch < start and (
+                section is None or (d in section.datasets and m in section.methods)):
+            notes.append(f"{display(m)} {d} 1/{k} seed {seed} (epoch {epoch}, start {start})")
+    return notes
+
+
 def _seed_deltas_points(text) -> str:
     """'s0:+0.013474 s1:-0.002000' (fractions, as in the CSV) -> 's0 +1.35, s1 −0.20' (points)."""
     if not isinstance(text, str) or not text:
@@ -205,7 +217,8 @@ def table_texts(results: Results, plan: ReportPlan, comparisons: pd.DataFrame | 
         note = footnote(plan, n_cases_by_dataset(comparisons, section.datasets), fams,
                         results.abbrev, upper_bound=UPPER_BOUND in section.methods,
                         n_seeds_found=frame.loc[frame["metric"] == metrics[0], "n_seeds"],
-                        notes=notes) + beyond_paper_note(section.methods)
+                        notes=notes, pre_gate=selection_notes(results, section)) \
+            + beyond_paper_note(section.methods)
         what = ("segmentation of the test sets" if name == "table1"
                 else f"ablation, {results.abbrev(plan.metric)}")
         for suffix, text in render_all(frame, f"{title}: {what}", note, results.abbrev,

@@ -44,6 +44,8 @@ class Results:
                (``loss_<name>``, ``val_dice``, ...)
     metrics:   name -> {"abbrev", "kind", "higher_is_better"}, in the order of the first run
     run_dirs:  (dataset, method, ratio, seed) -> run directory
+    selected:  (dataset, method, ratio, seed) -> (selected epoch, train.unsup_start_epoch,
+               unlabeled training images), for runs whose metrics.json meta records all three
     left_out:  (convention, metric, message) for each metrics.json value that is NaN, ±inf or
                null: that run is left out of its cell for that value, and the tables say so
     """
@@ -53,6 +55,7 @@ class Results:
     metrics: dict = field(default_factory=dict)
     run_dirs: dict = field(default_factory=dict)
     left_out: list = field(default_factory=list)
+    selected: dict = field(default_factory=dict)
 
     def abbrev(self, metric: str) -> str:
         return self.metrics.get(metric, {}).get("abbrev", metric)
@@ -112,6 +115,17 @@ def _number(block: dict, key: str, path: Path, where: str) -> float | None:
     return float(value)
 
 
+def _selection(doc: dict):
+    """(selected epoch, unsupervised start epoch, unlabeled images) from metrics.json meta, or
+    None where the run does not record them."""
+    meta = doc.get("meta") or {}
+    try:
+        return (int(meta["checkpoint"]["epoch"]), int(meta["config"]["train"]["unsup_start_epoch"]),
+                int(meta["train_done"]["n_unlabeled"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _read_per_image(path: Path, run: dict, metrics: dict) -> pd.DataFrame:
     try:
         frame = pd.read_csv(path, dtype={"id": str, "source_id": str})
@@ -158,6 +172,7 @@ def read_runs(metric_files: Iterable[Path]) -> Results:
     run_rows, per_image, epoch_rows, left_out = [], [], [], []
     metrics: dict = {}
     run_dirs: dict = {}
+    selected: dict = {}
     for path in metric_files:
         path = Path(path)
         doc = _load_json(path)
@@ -167,6 +182,8 @@ def read_runs(metric_files: Iterable[Path]) -> Results:
             raise DataError("two metrics files for {}/{}/r{}/seed{}: {} and {}".format(
                 *key, run_dirs[key] / "metrics.json", path))
         run_dirs[key] = path.parent
+        if _selection(doc) is not None:
+            selected[key] = _selection(doc)
         info = metric_info(doc)
         for name, v in info.items():
             metrics.setdefault(name, v)
@@ -197,4 +214,4 @@ def read_runs(metric_files: Iterable[Path]) -> Results:
               else pd.DataFrame(columns=RUN_KEYS + ["id", "source_id"]))
     epochs = pd.DataFrame(epoch_rows) if epoch_rows else pd.DataFrame(columns=RUN_KEYS + ["epoch"])
     return Results(runs=runs, per_image=images, epochs=epochs, metrics=metrics, run_dirs=run_dirs,
-                   left_out=left_out)
+                   left_out=left_out, selected=selected)

@@ -171,7 +171,7 @@ def seeds_text(n_seeds_found) -> str:
 
 
 def footnote(plan: ReportPlan, n_cases: dict, families: list[str], abbrev, upper_bound: bool = True,
-             n_seeds_found=(3,), notes=()) -> str:
+             n_seeds_found=(3,), notes=(), pre_gate=()) -> str:
     """n, the test, the correction and the marks, the seeds found, and what was left out, as
     the table footnote (plain text)."""
     ns = ", ".join(f"n = {n} ({d})" for d, n in n_cases.items()) or "n unknown"
@@ -195,8 +195,11 @@ def footnote(plan: ReportPlan, n_cases: dict, families: list[str], abbrev, upper
     else:
         test = "No significance test in this table. "
     left = f"Left out: {'; '.join(notes)}. " if notes else ""
+    gate = (f"Selected (best validation epoch) before the unsupervised losses start, so scored "
+            f"with a network that never trained on an unlabeled image: {'; '.join(pre_gate)}. "
+            if pre_gate else "")
     return (f"Cells: mean ± sample std (ddof = 1) over seeds, in %; {bold}. {test}"
-            f"{seeds_text(n_seeds_found)}{MISSING} = run missing. {left}"
+            f"{seeds_text(n_seeds_found)}{MISSING} = run missing. {left}{gate}"
             f"Tests are conditional on these runs and this test set.")
 
 
