@@ -2,6 +2,7 @@
 masks, the batch confidence scalar, gradients, defaults, and the engine's two unlabeled batches."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -102,7 +103,7 @@ def test_confidence_scalar_and_loss_by_hand():
     assert L_u.item() == pytest.approx(0.75 * (3 * 2 * 0.49 ** 2) / 4, rel=1e-6)
 
 
-def test_loss_weight_and_gradient_reach_the_student_only():
+def test_loss_weight_and_gradient_reach_the_student_only(monkeypatch):
     torch.manual_seed(0)
     method, _ = make(lambda: build_model("tiny", "none"), cons_weight=2.0, conf_thresh=0.0)
     method.train()
@@ -111,9 +112,25 @@ def test_loss_weight_and_gradient_reach_the_student_only():
     out = method.training_step(batch, ACTIVE)
     assert out["conf"].item() == 1.0  # threshold 0: every pixel counts
     assert out["loss"].item() == pytest.approx(out["L_sup"].item() + 2.0 * out["L_u"].item(), rel=1e-5)
-    (out["loss"] - out["L_sup"]).backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.student.parameters())
-    assert all(p.grad is None for p in method.teacher.parameters())
+    # only the unlabeled term back-propagated: L_sup replaced by a constant zero, so the labeled
+    # pass is off the graph and any gradient comes through the student's pass on the mixed image
+    import semibench.methods.cutmix as cutmix
+    monkeypatch.setattr(cutmix, "supervised_loss", lambda student, batch: torch.zeros(()))
+    grads = {}
+    for w in (1.0, 2.0):
+        method.hp = dataclasses.replace(method.hp, cons_weight=w)
+        method.student.zero_grad(set_to_none=True)
+        torch.manual_seed(4)  # the same box masks for both weights
+        out = method.training_step(batch, ACTIVE)
+        assert out["L_u"].item() > 0 and out["loss"].requires_grad
+        out["loss"].backward()
+        grads[w] = [p.grad for p in method.student.parameters()]
+        assert all(p.grad is None for p in method.teacher.parameters())
+    assert sum(g.abs().sum() for g in grads[1.0] if g is not None) > 0
+    for g1, g2 in zip(grads[1.0], grads[2.0]):
+        assert (g1 is None) == (g2 is None)
+        if g1 is not None:
+            assert torch.allclose(g2, 2 * g1, rtol=1e-4, atol=1e-8)
 
 
 def test_missing_second_batch_is_a_clear_error():

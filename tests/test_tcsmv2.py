@@ -88,21 +88,30 @@ def test_nonzero_loss_when_the_teacher_differs_by_hand():
     assert out["L_u"].item() == pytest.approx((s(r) - s(r + 1)) ** 2, rel=1e-5)
 
 
-def test_student_gets_gradient_the_teacher_none():
-    torch.manual_seed(0)
-    method, _ = make(lambda: build_model("tiny", "none"), rampup=0.0)
-    method.train()
+def test_student_gets_gradient_the_teacher_none(monkeypatch):
+    """Only the unlabeled term is back-propagated (L_sup replaced by a constant zero, so no
+    labeled pass is on the graph): the student's unlabeled pass must carry the gradient (the
+    release's no_grad bug B1), scaled by the consistency weight; the teacher gets none."""
+    import semibench.methods.tcsmv2 as tcsmv2
+    monkeypatch.setattr(tcsmv2, "supervised_loss", lambda student, batch: torch.zeros(()))
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    out = method.training_step(batch_with(x), ACTIVE)
-    # only L_u: the student's unlabeled pass must be on the graph (the release's no_grad bug B1)
-    L_u = out["loss"] - out["L_sup"]
-    assert L_u.requires_grad
-    method.student.zero_grad()
-    L_u.backward()
-    grads = [p.grad for p in method.student.parameters()]
-    assert any(g is not None and g.abs().sum() > 0 for g in grads)
-    assert all(p.grad is None for p in method.teacher.parameters())
-    assert method.teacher.training  # the release's teacher mode while training
+    grads = {}
+    for w in (1.0, 2.0):
+        torch.manual_seed(0)
+        method, _ = make(lambda: build_model("tiny", "none"), rampup=0.0, consistency=w)
+        method.train()
+        torch.manual_seed(5)  # the same noise and transform for both weights
+        out = method.training_step(batch_with(x), ACTIVE)
+        assert out["L_u"].item() > 0 and out["loss"].requires_grad
+        out["loss"].backward()
+        grads[w] = [p.grad for p in method.student.parameters()]
+        assert all(p.grad is None for p in method.teacher.parameters())
+        assert method.teacher.training  # the release's teacher mode while training
+    assert sum(g.abs().sum() for g in grads[1.0] if g is not None) > 0
+    for g1, g2 in zip(grads[1.0], grads[2.0]):
+        assert (g1 is None) == (g2 is None)
+        if g1 is not None:
+            assert torch.allclose(g2, 2 * g1, rtol=1e-4, atol=1e-8)
 
 
 def test_scale_round_trip_and_valid_mask():
