@@ -12,6 +12,9 @@ from semibench.config import RunConfig
 from semibench.errors import ConfigError
 from semibench.grid import all_runs
 from semibench.grid import check_names as _check_names
+from semibench.layout import LOGS_DIR, RUNS_DIR
+from semibench.layout import RUN_DIR as RUN_KEY
+from semibench.layout import SPLIT_FILE, SPLIT_KEY
 from semibench.method import make_hparams, resolved_hparams
 from semibench.obtain import get_recipe
 from semibench.registry import DATASETS, METHODS
@@ -38,7 +41,7 @@ except WorkflowError:
 
 DATA_DIR = config["data_dir"]
 SPLITS_DIR = config["splits_dir"]
-RUN_DIR = "results/runs/{dataset}/{method}/r{ratio}/seed{seed}"
+RUN_DIR = f"{RUNS_DIR}/{RUN_KEY}"  # semibench/layout.py: the one definition
 
 
 wildcard_constraints:

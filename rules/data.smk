@@ -60,11 +60,11 @@ rule split:
     input:
         ancient(f"{DATA_DIR}/prepared/{{dataset}}/manifest.json"),
     output:
-        f"{SPLITS_DIR}/{{dataset}}/seed{{seed}}.json",
+        f"{SPLITS_DIR}/{SPLIT_FILE}",
     params:
         cfg=dataset_config_json,
     log:
-        "logs/split/{dataset}/seed{seed}.log",
+        f"{LOGS_DIR}/split/{SPLIT_KEY}.log",
     threads: 1
     conda:
         "../envs/semibench.yaml"

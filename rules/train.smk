@@ -3,7 +3,7 @@
 
 rule train:
     input:
-        split=f"{SPLITS_DIR}/{{dataset}}/seed{{seed}}.json",
+        split=f"{SPLITS_DIR}/{SPLIT_FILE}",
         data=f"{DATA_DIR}/prepared/{{dataset}}/manifest.json",
     output:
         best=f"{RUN_DIR}/best.pt",
@@ -12,7 +12,7 @@ rule train:
         cfg=run_config_json,
         run_dir=run_dir,
     log:
-        "logs/train/{dataset}/{method}/r{ratio}/seed{seed}.log",
+        f"{LOGS_DIR}/train/{RUN_KEY}.log",
     threads: threads_for("train", 4)
     resources:
         gpu=1,
@@ -36,7 +36,7 @@ rule evaluate:
         instances=config.get("evaluate", {}).get("instances", "components"),
         min_object_size=config.get("evaluate", {}).get("min_object_size", 0),
     log:
-        "logs/evaluate/{dataset}/{method}/r{ratio}/seed{seed}.log",
+        f"{LOGS_DIR}/evaluate/{RUN_KEY}.log",
     threads: threads_for("evaluate", 2)
     resources:
         gpu=1,

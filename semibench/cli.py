@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ConfigError, SemibenchError
+from .layout import RUNS_DIR, SPLITS_DIR, run_dir, run_key, split_path
 
 EXIT_ERROR = 2
 
@@ -92,7 +93,7 @@ def cmd_split(args) -> None:
 
     cfg = _workflow_config(args)
     _dataset_options(cfg, args.dataset)
-    out = args.out or Path(cfg.get("splits_dir", "results/splits")) / args.dataset / f"seed{args.seed}.json"
+    out = args.out or split_path(args.dataset, args.seed, cfg.get("splits_dir", SPLITS_DIR))
     print(write_split(args.dataset, _data_dir(args, cfg), args.seed, Path(out)))
 
 
@@ -109,8 +110,8 @@ def cmd_train(args) -> None:
     check_ratio(args.method, args.ratio)
     device = args.device or cfg.get("device", "auto")
     run_cfg = RunConfig.from_workflow(cfg, args.dataset, args.method, args.ratio, args.seed, device)
-    out = Path(args.out or Path(cfg.get("runs_dir", "results/runs")) / args.dataset / args.method
-               / f"r{args.ratio}" / f"seed{args.seed}")
+    out = Path(args.out or run_dir(args.dataset, args.method, args.ratio, args.seed,
+                                   cfg.get("runs_dir", RUNS_DIR)))
     slot = gpu.claim_for(device)  # before torch touches CUDA; held until the process exits
     _set_threads(args.threads)
     from .engine import train
@@ -161,7 +162,7 @@ def cmd_report(args) -> None:
     outside = sorted(set(results.run_dirs) - configured)
     if outside:
         print(f"semibench: note: {len(outside)} run(s) outside the configured grid/ablation are "
-              "left out of the tables, e.g. {}/{}/r{}/seed{}".format(*outside[0]), file=sys.stderr)
+              "left out of the tables, e.g. {}".format(run_key(*outside[0])), file=sys.stderr)
     for line in build.report_notes(results, plan):
         print(f"semibench: note: left out: {line}", file=sys.stderr)
     out = Path(args.out)
@@ -307,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a run started on another host (train_host.json; a shared file "
                         "system) whose train.jsonl changed this recently counts as running "
                         "(default 10); on this host only a live process counts")
-    p.add_argument("--json", action="store_true", help="machine-readable output (schema in README)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema in docs/status.md)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("gpu-slot", help="run CMD holding a free GPU slot (sets CUDA_VISIBLE_DEVICES)",

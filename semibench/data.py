@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from .errors import ConfigError, DataError
 from .execution import to_device
+from .layout import split_path
 from .prepared import PreparedDataset, Sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,7 +48,7 @@ def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
 
 
 def load_split(splits_dir: str | Path, dataset: str, seed: int) -> dict:
-    path = Path(splits_dir) / dataset / f"seed{seed}.json"
+    path = split_path(dataset, seed, splits_dir)
     if not path.exists():
         raise DataError(f"split file {path} not found: run `semibench split --dataset {dataset} --seed {seed}`")
     return json.loads(path.read_text())

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 import semibench
 
+from .atomic import write_atomic
 from .config import RunConfig
 from .data import load_split, preprocess
 from .device import device_name, resolve_device
@@ -61,16 +62,6 @@ CSV_COLUMNS = (("id", "source_id", "height", "width", "tp", "fp", "tn", "fn") + 
 PREDICTIONS, PROBABILITIES = "predictions", "probabilities"
 INFERENCE_INFO = "_inference.json"  # inside predictions/; no sample id starts with "_"
 DEFAULT_INSTANCES, DEFAULT_MIN_OBJECT_SIZE = "components", 0
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary sibling, then rename: readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def versions() -> dict[str, str]:

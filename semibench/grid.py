@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Mapping, NamedTuple
 
 from .errors import ConfigError
+from .layout import run_key
 
 SECTIONS = ("grid", "ablation")
-RUN_DIR = "{dataset}/{method}/r{ratio}/seed{seed}"  # under runs_dir (results/runs)
 
 
 class Run(NamedTuple):
@@ -24,7 +24,7 @@ class Run(NamedTuple):
 
     def rel_dir(self) -> str:
         """The run directory relative to the runs directory (and to logs/<rule>/ without .log)."""
-        return RUN_DIR.format(**self._asdict())
+        return run_key(*self)
 
 
 def check_schema(config: Mapping) -> None:

@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from PIL import Image
 from tqdm import tqdm
 
+from .atomic import write_atomic
 from .errors import ConfigError, DataError
 from .prepared import PreparedWriter
 from .registry import DATASETS
@@ -230,10 +231,7 @@ def check_archive(spec: ArchiveSpec, path: Path, recipe: Recipe) -> dict:
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
 # ---------------------------------------------------------------- the three CLI entry points

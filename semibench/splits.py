@@ -30,13 +30,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .atomic import write_atomic
 from .errors import DataError
+from .layout import SPLITS_DIR, split_path
 from .obtain import SampleRef
 from .prepared import PreparedDataset
 
@@ -137,17 +138,11 @@ def split_to_json(split: dict) -> str:
 
 
 def write_split_file(split: dict, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="ascii", newline="\n") as f:
-        f.write(split_to_json(split))
-    os.replace(tmp, out)
-    return out
+    return write_atomic(out, split_to_json(split), encoding="ascii")
 
 
-def default_split_path(name: str, seed: int, splits_dir: str | Path = "results/splits") -> Path:
-    return Path(splits_dir) / name / f"seed{seed}.json"
+def default_split_path(name: str, seed: int, splits_dir: str | Path = SPLITS_DIR) -> Path:
+    return split_path(name, seed, splits_dir)
 
 
 def write_split(name: str, data_dir: str | Path, seed: int, out: str | Path | None = None) -> Path:

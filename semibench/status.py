@@ -1,9 +1,9 @@
 """Where a configured grid stands: ``semibench status``.
 
 Each run of the grid (:func:`semibench.grid.all_runs`, the workflow's own list) is read from its
-run directory ``<runs_dir>/{dataset}/{method}/r{ratio}/seed{seed}`` and its job logs
-``<logs_dir>/{train,evaluate}/{dataset}/{method}/r{ratio}/seed{seed}.log``. The first state that
-applies wins:
+run directory ``<runs_dir>/<dataset>/<method>/r<k>/seed<S>`` and its job logs
+``<logs_dir>/{train,evaluate}/<dataset>/<method>/r<k>/seed<S>.log`` (:mod:`semibench.layout`).
+The first state that applies wins:
 
 - ``done``: ``metrics.json`` exists (evaluated);
 - ``running``: a live local process runs ``semibench train``/``evaluate`` on this run directory
@@ -41,8 +41,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping
 
+from .atomic import write_atomic
 from .errors import ConfigError
 from .grid import Run, all_runs, check_schema
+from .layout import RUN_DIR_GLOB
 
 SCHEMA = "semibench.status/1"
 HOST_FILE = "train_host.json"  # {"host": ..., "pid": ...} of the last `semibench train` on the run
@@ -250,9 +252,8 @@ def _progress(status: RunStatus, run_dir: Path, default_epochs: int | None) -> N
 def write_host_file(run_dir: Path) -> None:
     """Record which host trains ``run_dir`` (``semibench train`` calls this before training)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{HOST_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}) + "\n")
-    os.replace(tmp, run_dir / HOST_FILE)
+    write_atomic(run_dir / HOST_FILE,
+                 json.dumps({"host": socket.gethostname(), "pid": os.getpid()}) + "\n")
 
 
 def run_host(run_dir: Path) -> str | None:
@@ -338,7 +339,7 @@ def _estimate_missing(statuses: list[RunStatus]) -> None:
 
 def runs_on_disk(runs_dir: Path) -> list[str]:
     """Every run directory under ``runs_dir`` (``D/M/rK/seedS`` with any file), sorted."""
-    found = [p for p in Path(runs_dir).glob("*/*/r*/seed*") if p.is_dir() and any(p.iterdir())]
+    found = [p for p in Path(runs_dir).glob(RUN_DIR_GLOB) if p.is_dir() and any(p.iterdir())]
     return sorted(p.relative_to(runs_dir).as_posix() for p in found)
 
 
@@ -376,7 +377,7 @@ def grid_status(config: Mapping, runs_dir: Path = Path("results/runs"), logs_dir
                 jobs: int = 1, fresh_minutes: float = 10.0, now: float | None = None,
                 proc_root: Path = Path("/proc"), config_files: list[str] | None = None,
                 this_host: str | None = None) -> dict:
-    """The status report of the config's grid as a JSON-ready dict (schema in the README).
+    """The status report of the config's grid as a JSON-ready dict (schema in docs/status.md).
     ``config_files``: what the config was read from, named when it matches no run on disk."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")

@@ -5,7 +5,6 @@ method) becomes a small placeholder that says why, so the other figures and the 
 build."""
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from ..atomic import write_atomic
 from .plan import UPPER_BOUND, ReportPlan, display, order_methods  # noqa: E402
 from .read import Results  # noqa: E402
 
@@ -57,9 +57,8 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
     paths = []
     for suffix in ("png", "pdf"):
         path = out_dir / f"{name}.{suffix}"
-        tmp = path.with_name(f".{path.stem}.tmp.{suffix}")
-        fig.savefig(tmp, bbox_inches="tight", dpi=150, metadata=METADATA[suffix])
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp, s=suffix: fig.savefig(tmp, format=s, bbox_inches="tight",
+                                                             dpi=150, metadata=METADATA[s]))
         paths.append(path)
     plt.close(fig)
     return paths

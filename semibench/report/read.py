@@ -19,6 +19,7 @@ from typing import Iterable
 import pandas as pd
 
 from ..errors import DataError
+from ..layout import RUN_PATH, run_key
 
 CONVENTIONS = ("per_image_mean", "pooled")
 RUN_KEYS = ["dataset", "method", "ratio", "seed"]
@@ -30,7 +31,6 @@ FALLBACK_METRIC_INFO = {
     "specificity": {"abbrev": "SP", "kind": "pixel", "higher_is_better": True},
     "sensitivity": {"abbrev": "SE", "kind": "pixel", "higher_is_better": True},
 }
-_RUN_PATH = re.compile(r"(?P<dataset>[^/]+)/(?P<method>[^/]+)/r(?P<ratio>\d+)/seed(?P<seed>\d+)/[^/]+$")
 
 
 @dataclass
@@ -72,7 +72,7 @@ def coordinates(doc: dict, path: Path) -> dict:
             c = {k: source[k] for k in RUN_KEYS}
             break
     else:
-        match = _RUN_PATH.search(Path(path).as_posix())
+        match = re.search(RUN_PATH.pattern + r"/[^/]+$", Path(path).as_posix())
         if not match:
             raise DataError(f"{path}: cannot tell its dataset/method/ratio/seed (no run metadata "
                             "inside, and the path is not .../<dataset>/<method>/r<k>/seed<S>/metrics.json)")
@@ -179,8 +179,8 @@ def read_runs(metric_files: Iterable[Path]) -> Results:
         run = coordinates(doc, path)
         key = tuple(run[k] for k in RUN_KEYS)
         if key in run_dirs:
-            raise DataError("two metrics files for {}/{}/r{}/seed{}: {} and {}".format(
-                *key, run_dirs[key] / "metrics.json", path))
+            raise DataError(f"two metrics files for {run_key(*key)}: "
+                            f"{run_dirs[key] / 'metrics.json'} and {path}")
         run_dirs[key] = path.parent
         if _selection(doc) is not None:
             selected[key] = _selection(doc)
@@ -195,7 +195,7 @@ def read_runs(metric_files: Iterable[Path]) -> Results:
                 if info[m]["kind"] == "pixel" or m in block:
                     value = _number(block, m, path, f"{convention}.{m}")
                     if value is None:
-                        left_out.append((convention, m, f"{'{}/{}/r{}/seed{}'.format(*key)}: "
+                        left_out.append((convention, m, f"{run_key(*key)}: "
                                          f"metrics.json {convention}.{m} is {block[m]!r}, left "
                                          f"out of its cell"))
                         continue

@@ -1,0 +1,30 @@
+"""The one way semibench writes a file that others read while it runs or after a kill."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Callable
+
+
+def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], None], *,
+                 encoding: str = "utf-8") -> Path:
+    """Write ``data`` (text, bytes, or a function that writes a given path, e.g. ``torch.save``)
+    to a hidden temporary sibling, then rename it over ``path``: a reader, a resumed run or
+    Snakemake never sees a partial file, and a failed write leaves no temporary behind. Text is
+    written with ``\\n`` line ends on every platform (split files are compared byte for byte)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        if callable(data):
+            data(tmp)
+        elif isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            with open(tmp, "w", encoding=encoding, newline="\n") as f:
+                f.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
