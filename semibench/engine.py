@@ -41,13 +41,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import platform
 import random
 import resource
 import sys
 import time
-import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +58,7 @@ from tqdm import tqdm
 
 import semibench
 
+from .atomic import write_atomic
 from .augment import VIEW_KINDS, AugmentConfig, augment_config, augment_labeled, make_views
 from .config import RunConfig
 from .data import (BatchSchedule, SampleCache, TrainData, derive_seed, iterations_per_epoch,
@@ -86,21 +85,12 @@ STREAM_MORE_UNLABELED = 14  # seeds of the sample streams of unlabeled batches 1
 
 # ---------------------------------------------------------------------------- small helpers
 
-def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_json_atomic(path: Path, obj) -> None:
-    _atomic_write_bytes(path, lambda p: p.write_text(json.dumps(obj, indent=1, default=str) + "\n"))
+    write_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
 def torch_save_atomic(path: Path, obj) -> None:
-    _atomic_write_bytes(path, lambda p: torch.save(obj, p))
+    write_atomic(path, lambda p: torch.save(obj, p))
 
 
 def versions() -> dict[str, str]:
@@ -299,9 +289,14 @@ class EngineContext(MethodContext):
         return [dict(getattr(net, "weights_info", {"used": "unknown"})) for net in self.segmenters]
 
 
+def weights_fell_back(infos: list[dict]) -> list[dict]:
+    """The networks that asked for ImageNet weights and started from random init instead."""
+    return [i for i in infos if i.get("requested") == "imagenet" and i.get("used") == "random-init"]
+
+
 def weights_note(infos: list[dict]) -> str:
     """One sentence for the metadata: were the requested ImageNet weights used?"""
-    fallback = [i for i in infos if i.get("requested") == "imagenet" and i.get("used") == "random-init"]
+    fallback = weights_fell_back(infos)
     if fallback:
         return ("ImageNet weights were requested but UNAVAILABLE: the network(s) were trained from "
                 f"RANDOM INITIALISATION ({fallback[0].get('reason', '')})")
@@ -340,15 +335,18 @@ class Trainer:
         if self.views is not None and len(self.data.unlabeled) == 0:
             raise ConfigError(f"method {cfg.method!r} trains on unlabeled data, but ratio 1/{self.ratio} "
                               f"leaves no unlabeled samples")
-        self.iterations = iterations_per_epoch(len(self.data.labeled), len(self.data.unlabeled_ids),
-                                               t.batch_labeled, t.batch_unlabeled, t.iters_per_epoch)
-        self.total = self.iterations * t.epochs
-        self.schedule = BatchSchedule(len(self.data.labeled), len(self.data.unlabeled),
-                                      t.batch_labeled, t.batch_unlabeled, cfg.seed, self.iterations)
+        # one epoch's steps (StepInfo.iterations is the whole run's: self.total)
+        self.iterations_per_epoch = iterations_per_epoch(
+            len(self.data.labeled), len(self.data.unlabeled_ids), t.batch_labeled, t.batch_unlabeled,
+            t.iters_per_epoch)
+        self.total = self.iterations_per_epoch * t.epochs
+        self.schedule = BatchSchedule(len(self.data.labeled), len(self.data.unlabeled), t.batch_labeled,
+                                      t.batch_unlabeled, cfg.seed, self.iterations_per_epoch)
         # unlabeled batches 1..n-1: each its own sample stream (only its unlabeled part is read)
         self.more_schedules = [
             BatchSchedule(len(self.data.labeled), len(self.data.unlabeled), t.batch_labeled,
-                          t.batch_unlabeled, derive_seed(cfg.seed, STREAM_MORE_UNLABELED, j), self.iterations)
+                          t.batch_unlabeled, derive_seed(cfg.seed, STREAM_MORE_UNLABELED, j),
+                          self.iterations_per_epoch)
             for j in range(1, max(1, self.n_unlabeled_batches))]
         self.execution = resolve_execution(t, self.device)
         self.amp = self.execution.dtype is not None  # autocast on (CUDA bf16 or fp16)
@@ -464,12 +462,12 @@ class Trainer:
 
     def _step(self, epoch: int, it: int, read_now: bool) -> dict[str, float] | None:
         t = self.cfg.train
-        iteration = epoch * self.iterations + it
+        iteration = epoch * self.iterations_per_epoch + it
         self.lr = self.set_lr(iteration)
         batch = self.make_batch(epoch, it)
         info = StepInfo(epoch=epoch, epochs=t.epochs, iteration=iteration, iterations=self.total,
                         unsup_active=epoch >= t.unsup_start_epoch,
-                        unsup_start_iteration=t.unsup_start_epoch * self.iterations)
+                        unsup_start_iteration=t.unsup_start_epoch * self.iterations_per_epoch)
         with self.execution.autocast():
             losses = self.method.training_step(batch, info)
         per_optimizer = self._per_optimizer_losses(losses)
@@ -587,7 +585,7 @@ class Trainer:
         self._truncate_log(log_path, self.start_epoch)
         infos = self.ctx.weights_info()
         note = weights_note(infos)
-        if "UNAVAILABLE" in note:
+        if weights_fell_back(infos):
             warnings.warn(note, stacklevel=2)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -610,10 +608,10 @@ class Trainer:
                     self._write_best(out)
                 # the log line before the checkpoint: a kill in between replays the epoch, and
                 # the replay first drops the epoch's lines
-                self._log(log, event="epoch", epoch=epoch, iteration=(epoch + 1) * self.iterations,
+                self._log(log, event="epoch", epoch=epoch, iteration=(epoch + 1) * self.iterations_per_epoch,
                           lr=lr, losses=epoch_losses, val_dice=val_dice, **self.val_extra,
                           best_epoch=self.best["epoch"], best_val_dice=self.best["val_dice"],
-                          img_per_s=self.iterations * self.images_per_step / max(train_s, 1e-9),
+                          img_per_s=self.iterations_per_epoch * self.images_per_step / max(train_s, 1e-9),
                           train_s=train_s, val_s=val_s, peak_mem_mb=peak_memory_mb(self.device))
                 torch_save_atomic(ckpt_path, self.checkpoint_state(epoch))
                 if on_epoch_end is not None:
@@ -654,7 +652,8 @@ class Trainer:
         window: dict[str, float] = {}
         n_window, t_window = 0, time.perf_counter()
         t0 = time.perf_counter()
-        bar = tqdm(range(self.iterations), desc=f"{cfg.method} {cfg.dataset} 1/{self.ratio} seed{cfg.seed} "
+        bar = tqdm(range(self.iterations_per_epoch),
+                   desc=f"{cfg.method} {cfg.dataset} 1/{self.ratio} seed{cfg.seed} "
                    f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, mininterval=1.0, unit="it")
         lr = float("nan")
         for it in bar:
@@ -665,7 +664,7 @@ class Trainer:
                 raise
             lr = self.lr
             n_window += 1
-            last = it == self.iterations - 1
+            last = it == self.iterations_per_epoch - 1
             if n_window == LOG_EVERY or (last and n_window):
                 # one host synchronisation per window; the epoch's last read precedes its
                 # validation and checkpoint, so a non-finite loss stops the run before either
@@ -677,8 +676,8 @@ class Trainer:
                     torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t_window
                 means = {k: v / n_window for k, v in window.items()}
-                self._log(log, event="train", epoch=epoch, iteration=epoch * self.iterations + it + 1,
-                          lr=lr, losses=means, img_per_s=n_window * self.images_per_step / max(dt, 1e-9),
+                self._log(log, event="train", epoch=epoch,
+                          iteration=epoch * self.iterations_per_epoch + it + 1, lr=lr, losses=means, img_per_s=n_window * self.images_per_step / max(dt, 1e-9),
                           images_per_step=self.images_per_step,  # for `semibench status` (no import)
                           peak_mem_mb=peak_memory_mb(self.device))
                 bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}")
@@ -686,8 +685,8 @@ class Trainer:
         bar.close()
         train_s = time.perf_counter() - t0
         self.timings["train_s"] += train_s
-        self.timings["images"] += self.iterations * self.images_per_step
-        return {k: v / self.iterations for k, v in sums.items()}, lr, train_s
+        self.timings["images"] += self.iterations_per_epoch * self.images_per_step
+        return {k: v / self.iterations_per_epoch for k, v in sums.items()}, lr, train_s
 
     def _raise_queued_nonfinite(self, error: Exception) -> None:
         """A step failed: when a queued loss was already non-finite, that is the cause to
@@ -716,13 +715,13 @@ class Trainer:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
-        _atomic_write_bytes(path, lambda p: p.write_text("".join(line + "\n" for line in keep)))
+        write_atomic(path, "".join(line + "\n" for line in keep))
 
     def _write_done(self, infos: list[dict], note: str, wall_s: float) -> None:
         cfg, tm = self.cfg, self.timings
         done = {
             "dataset": cfg.dataset, "method": cfg.method, "ratio": self.ratio, "seed": cfg.seed,
-            "epochs": cfg.train.epochs, "iterations_per_epoch": self.iterations,
+            "epochs": cfg.train.epochs, "iterations_per_epoch": self.iterations_per_epoch,
             "n_labeled": len(self.data.labeled), "n_unlabeled": len(self.data.unlabeled_ids),
             "n_val": len(self.data.val),
             "best_epoch": self.best["epoch"], "best_val_dice": self.best["val_dice"],

@@ -17,9 +17,10 @@ import ast
 import importlib
 import importlib.util
 import pkgutil
+from contextlib import contextmanager
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
 
 from .errors import ConfigError
 
@@ -109,6 +110,24 @@ class Registry(Generic[T]):
             self._items[name] = obj
             return obj
         return decorator
+
+    @contextmanager
+    def temporarily(self, items: dict[str, T]) -> Iterator[None]:
+        """``{name: object}`` registered inside a with block only (tests, notebooks); afterwards
+        the registry is as it was. A name already registered to another object is refused."""
+        self.names()  # discover the built-in and entry-point names first
+        clash = [n for n, obj in items.items() if n in self.catalog() or
+                 (n in self._items and self._items[n] is not obj)]
+        if clash:
+            raise ConfigError(f"{self.kind} {', '.join(sorted(clash))} already registered")
+        added = [n for n in items if n not in self._items]
+        self._items.update(items)
+        try:
+            yield
+        finally:
+            for n in added:
+                self._items.pop(n, None)
+                self._checked.discard(n)
 
     # -- names without imports --------------------------------------------------------------
     def _modules(self):

@@ -12,8 +12,9 @@ from semibench.augment import AugmentConfig, make_views, undo_flips
 from semibench.engine import Trainer, train
 from semibench.method import StepInfo
 from semibench.methods.cac import directional_masks, directional_nce, overlap
-from tests.test_engine import one_thread, toy_config, toy_root  # noqa: F401 (fixtures)
-from tests.test_resume import Killed, _assert_same_runs, _state
+from tests.toy import toy_config, Killed, load_state, assert_same_runs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 NO_PHOTO = AugmentConfig(jitter_p=0.0, grey_p=0.0, blur_p=0.0)  # flips stay on (p 0.5 each)
 
@@ -121,9 +122,9 @@ def test_a_resumed_run_is_bit_identical(toy_root, tmp_path):  # noqa: F811
 
     with pytest.raises(Killed):
         train(cfg, tmp_path / "resumed", on_epoch_end=kill_after)
-    assert len(_state(tmp_path / "resumed" / "checkpoint.pt")["method"]["_extra_state"]["bank"]) == 2
+    assert len(load_state(tmp_path / "resumed" / "checkpoint.pt")["method"]["_extra_state"]["bank"]) == 2
     train(cfg, tmp_path / "resumed")
-    _assert_same_runs(tmp_path / "whole", tmp_path / "resumed")
+    assert_same_runs(tmp_path / "whole", tmp_path / "resumed")
 
 
 def test_unsupervised_terms_wait_for_the_start_epoch(toy_root, tmp_path):  # noqa: F811

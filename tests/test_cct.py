@@ -15,7 +15,9 @@ from semibench.methods import _cct_perturbations as P
 from semibench.model import Classifier, build_model
 from semibench.registry import METHODS
 from tests.fakes import FakeContext
-from tests.test_engine import one_thread, toy_config, toy_root  # noqa: F401 (fixtures)
+from tests.toy import toy_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ACTIVE = StepInfo(epoch=6, epochs=10, iteration=50, iterations=100, unsup_active=True)
 INACTIVE = StepInfo(epoch=0, epochs=10, iteration=3, iterations=100, unsup_active=False)

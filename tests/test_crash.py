@@ -9,8 +9,9 @@ import torch
 
 from semibench.engine import Trainer, train
 from semibench.errors import TrainingError
-from tests.test_engine import local_methods, one_thread, toy_config, toy_root  # noqa: F401 (fixtures)
-from tests.test_resume import Killed, _assert_same_runs, _state
+from tests.toy import toy_config, Killed, load_state, assert_same_runs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def _snapshot(run_dir):
 def test_rerun_after_snakemake_deleted_best_pt_restores_it(toy_root, tmp_path, local_methods, scripted_val):  # noqa: F811
     cfg = toy_config(toy_root, "_test_mt", epochs=3, unsup_start_epoch=1)
     train(cfg, tmp_path / "whole")
-    assert _state(tmp_path / "whole" / "best.pt")["epoch"] == 1
+    assert load_state(tmp_path / "whole" / "best.pt")["epoch"] == 1
 
     killed = tmp_path / "killed"
     with pytest.raises(Killed):
@@ -48,16 +49,16 @@ def test_rerun_after_snakemake_deleted_best_pt_restores_it(toy_root, tmp_path, l
     (killed / "best.pt").unlink()  # what Snakemake does to an incomplete job's outputs
     train(cfg, killed)
     assert (killed / "train_done.json").exists()
-    _assert_same_runs(tmp_path / "whole", killed)
+    assert_same_runs(tmp_path / "whole", killed)
 
 
 def test_best_pt_lost_after_the_run_finished_is_rederived(toy_root, tmp_path, local_methods):  # noqa: F811
     cfg = toy_config(toy_root, "_test_sup", ratio=4, epochs=2)
     run = train(cfg, tmp_path / "run")
-    good = _state(run / "best.pt")
+    good = load_state(run / "best.pt")
     (run / "best.pt").write_bytes(b"garbage")
     train(cfg, run)
-    again = _state(run / "best.pt")
+    again = load_state(run / "best.pt")
     assert again["epoch"] == good["epoch"]
     assert all(torch.equal(good["model"][k], again["model"][k]) for k in good["model"])
 

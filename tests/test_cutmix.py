@@ -3,7 +3,6 @@ masks, the batch confidence scalar, gradients, defaults, and the engine's two un
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -15,8 +14,9 @@ from semibench.methods.cutmix import CutMixHparams, confidence, cutmix_loss
 from semibench.model import build_model
 from semibench.registry import METHODS
 from tests.fakes import FakeContext
-from tests.test_engine import one_thread, toy_config, toy_root  # noqa: F401 (fixtures)
-from tests.test_methods import LinearSeg
+from tests.toy import toy_config, LinearSeg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ACTIVE = StepInfo(epoch=6, epochs=10, iteration=50, iterations=100, unsup_active=True)
 
@@ -151,8 +151,8 @@ def test_engine_draws_two_independent_reproducible_batches(toy_root, tmp_path): 
     assert not a.more_unlabeled[0]["image"].equal(a.unlabeled["image"])
     # each batch has its own stream: a shuffle of the unlabeled set per epoch, different orders
     n_u = len(tr.data.unlabeled)
-    first = [tr.schedule.unlabeled(0, i) for i in range(tr.iterations)]
-    second = [tr.more_schedules[0].unlabeled(0, i) for i in range(tr.iterations)]
+    first = [tr.schedule.unlabeled(0, i) for i in range(tr.iterations_per_epoch)]
+    second = [tr.more_schedules[0].unlabeled(0, i) for i in range(tr.iterations_per_epoch)]
     assert sorted(torch.cat(second)[:n_u].tolist()) == list(range(n_u))
     assert torch.cat(first).tolist() != torch.cat(second).tolist()
     # batch 0 is what a one-batch method gets at the same step (unchanged streams)

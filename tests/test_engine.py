@@ -2,139 +2,20 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from semibench.config import RunConfig, TrainConfig
+from semibench.config import RunConfig
 from semibench.device import resolve_device
 from semibench.engine import Trainer, config_differences, train, weights_note
 from semibench.errors import ConfigError, TrainingError
-from semibench.method import Method
-from semibench.prepared import PreparedWriter
 from semibench.registry import METHODS
 from semibench.schedules import poly_lr
+from tests.toy import LocalMeanTeacher, toy_config
 
-
-# ---------------------------------------------------------------------------- fixtures
-
-def write_toy_dataset(root: Path, n_train=12, n_val=4, n_test=2, h=40, w=48, seeds=(0,)) -> None:
-    """``root/data/prepared/toy`` (random images with bright discs as nuclei) and
-    ``root/splits/toy/seed{S}.json`` with labeled subsets for ratios 1, 2, 4."""
-    rng = np.random.default_rng(123)
-    ids = [f"img{i:02d}" for i in range(n_train + n_val + n_test)]
-    yy, xx = np.mgrid[:h, :w]
-    with PreparedWriter(root / "data" / "prepared" / "toy", "toy") as writer:
-        for sid in ids:
-            label = np.zeros((h, w), np.uint16)
-            for k in range(1, 4):
-                cy, cx, r = rng.integers(6, h - 6), rng.integers(6, w - 6), rng.integers(3, 7)
-                label[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = k
-            image = rng.integers(0, 80, (h, w, 3)).astype(np.uint8)
-            image[label > 0] += np.uint8(150)
-            writer.add_image(sid, h, w, 3, "train")
-            writer.add_sample(sid, image, label, "train")
-        writer.commit()
-    train_ids, val, test = ids[:n_train], ids[n_train:n_train + n_val], ids[n_train + n_val:]
-    for seed in seeds:
-        order = list(np.random.default_rng(seed).permutation(train_ids))
-        split = {"dataset": "toy", "seed": seed, "train": train_ids, "val": val, "test": test,
-                 "labeled": {"4": order[:3], "2": order[:6], "1": train_ids}}
-        path = root / "splits" / "toy" / f"seed{seed}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(split))
-
-
-def toy_config(root: Path, method: str, ratio: int = 2, seed: int = 0, method_params=None,
-               **train_kw) -> RunConfig:
-    t = dict(backbone="tiny", weights="none", input_size=64, batch_labeled=2, batch_unlabeled=2,
-             epochs=3, unsup_start_epoch=1, eval_batch_size=4)
-    t.update(train_kw)
-    return RunConfig(dataset="toy", method=method, ratio=ratio, seed=seed,
-                     data_dir=str(root / "data"), splits_dir=str(root / "splits"), device="cpu",
-                     train=TrainConfig(**t), method_params=dict(method_params or {}))
-
-
-@dataclass
-class LocalMTHparams:
-    w_cons: float = 1.0
-    nan_at: int = -1  # global iteration at which the consistency loss becomes NaN
-
-
-class LocalMeanTeacher(Method):
-    """A test-local mean teacher (independent of methods/): CE + MSE(softmax) consistency."""
-
-    name = "_test_mt"
-    Hparams = LocalMTHparams
-    unlabeled_views = "weak_strong"
-
-    def __init__(self, ctx, hp):
-        super().__init__()
-        self.hp = hp
-        self.student = ctx.build_segmenter()
-        self.teacher = ctx.ema_of(self.student)
-        ctx.add_optimizer(self.student.parameters())
-
-    def training_step(self, batch, step):
-        sup = F.cross_entropy(self.student(batch.labeled_image, project=False).logits, batch.labeled_mask)
-        cons = sup.new_zeros(())
-        if step.unsup_active:
-            p_s = self.student(batch.unlabeled["strong"], project=False).logits.softmax(1)
-            with torch.no_grad():
-                p_t = self.teacher(batch.unlabeled["weak"], project=False).logits.softmax(1)
-            cons = F.mse_loss(p_s, p_t)
-        if step.iteration == self.hp.nan_at:
-            cons = cons * float("nan")
-        return {"loss": sup + self.hp.w_cons * cons, "loss_sup": sup.detach(), "loss_cons": cons.detach()}
-
-
-class LocalSupOnly(Method):
-    name = "_test_sup"
-    Hparams = type(None)
-    unlabeled_views = None
-
-    def __init__(self, ctx, hp):
-        super().__init__()
-        self.student = ctx.build_segmenter()
-        ctx.add_optimizer(self.student.parameters())
-
-    def training_step(self, batch, step):
-        assert batch.unlabeled == {}
-        return {"loss": F.cross_entropy(self.student(batch.labeled_image, project=False).logits,
-                                        batch.labeled_mask)}
-
-
-class LocalFullSup(LocalSupOnly):
-    name = "_test_full"
-    fixed_ratio = 1
-
-
-@pytest.fixture
-def local_methods(monkeypatch):
-    METHODS.names()  # discover the built-in ones first
-    for cls in (LocalMeanTeacher, LocalSupOnly, LocalFullSup):
-        monkeypatch.setitem(METHODS._items, cls.name, cls)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors gain nothing from threads, and on a loaded machine OpenMP threads spinning
-    # against other processes make each step ~20x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("toy")
-    write_toy_dataset(root, seeds=(0, 1))
-    return root
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- one step
@@ -196,7 +77,7 @@ def test_teacher_stays_in_eval_mode_and_dropout_off(toy_root, tmp_path, local_me
 
 def test_poly_lr_applied_to_every_optimiser(toy_root, tmp_path, local_methods):
     tr = Trainer(toy_config(toy_root, "_test_mt", lr=2e-3), tmp_path)
-    assert tr.iterations == 3 and tr.total == 9  # 6 unlabeled / batch 2, 3 epochs
+    assert tr.iterations_per_epoch == 3 and tr.total == 9  # 6 unlabeled / batch 2, 3 epochs
     for it in (0, 4, 8):
         lr = tr.set_lr(it)
         assert lr == poly_lr(2e-3, it, 9, 0.9)
@@ -206,11 +87,11 @@ def test_poly_lr_applied_to_every_optimiser(toy_root, tmp_path, local_methods):
 def test_epoch_length_of_labeled_only_methods(toy_root, tmp_path, local_methods):
     # SupOnly: as many steps as the semi-supervised runs at its ratio (6 unlabeled / 2)
     sup = Trainer(toy_config(toy_root, "_test_sup", ratio=4), tmp_path)
-    assert len(sup.data.labeled) == 3 and len(sup.data.unlabeled) == 0 and sup.iterations == 5
+    assert len(sup.data.labeled) == 3 and len(sup.data.unlabeled) == 0 and sup.iterations_per_epoch == 5
     assert sup.images_per_step == 2
     # FullSup: ratio fixed to 1, no unlabeled data: one pass over the 12 labeled samples
     full = Trainer(toy_config(toy_root, "_test_full", ratio=4), tmp_path)
-    assert full.ratio == 1 and len(full.data.labeled) == 12 and full.iterations == 6
+    assert full.ratio == 1 and len(full.data.labeled) == 12 and full.iterations_per_epoch == 6
     with pytest.raises(ConfigError, match="leaves no unlabeled samples"):
         Trainer(toy_config(toy_root, "_test_mt", ratio=1), tmp_path)
 
@@ -368,6 +249,6 @@ def test_the_unlabeled_stream_is_exactly_the_train_images_without_labels(method,
         assert torch.equal(image, resize_image_uint8(prepared.load(sid).image, 64))
     schedules = [tr.schedule, *tr.more_schedules]
     for schedule in schedules:
-        shown = torch.cat([schedule.unlabeled(0, it) for it in range(tr.iterations)])
+        shown = torch.cat([schedule.unlabeled(0, it) for it in range(tr.iterations_per_epoch)])
         assert set(shown.tolist()) == set(range(len(expected)))  # all of them, nothing else
     assert len(schedules) == tr.n_unlabeled_batches

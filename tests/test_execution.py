@@ -24,8 +24,9 @@ from semibench.execution import Execution, LossQueue, prepare_networks, resolve_
 from semibench.grid import check_schema
 from semibench.method import StepInfo
 from semibench.metrics import confusion, per_image_mean
-from tests.test_engine import local_methods, one_thread, toy_config, toy_root  # noqa: F401 (fixtures)
-from tests.test_resume import Killed, _assert_same_runs, _state
+from tests.toy import toy_config, Killed, load_state, assert_same_runs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- options
@@ -108,13 +109,13 @@ def test_an_old_run_directory_with_amp_resumes(toy_root, tmp_path, local_methods
     conf = json.loads((out / "config.json").read_text())
     conf["train"] = {k: v for k, v in conf["train"].items() if k not in execution_keys} | {"amp": True}
     (out / "config.json").write_text(json.dumps(conf))
-    ck = _state(out / "checkpoint.pt")
+    ck = load_state(out / "checkpoint.pt")
     ck["config_items"] = {k: v for k, v in ck["config_items"].items()
                           if k not in {f"train.{k}" for k in execution_keys}} | {"train.amp": True}
     del ck["execution_history"]
     torch.save(ck, out / "checkpoint.pt")
     train(cfg, out)
-    _assert_same_runs(tmp_path / "whole", out)
+    assert_same_runs(tmp_path / "whole", out)
     # another real difference is still refused, and the legacy key is not named
     (out / "train_done.json").unlink()
     with pytest.raises(TrainingError, match=r"differing keys: train\.lr \(0\.0001 → 0\.001\)\. Use"):
@@ -158,12 +159,12 @@ def _reference_run(cfg, tmp_path):
         for epoch in range(t.epochs):
             seed_everything(derive_seed(cfg.seed, STREAM_EPOCH, epoch))
             tr.method.train()
-            for it in range(tr.iterations):
-                iteration = epoch * tr.iterations + it
+            for it in range(tr.iterations_per_epoch):
+                iteration = epoch * tr.iterations_per_epoch + it
                 tr.set_lr(iteration)
                 batch = tr.make_batch(epoch, it)
                 info = StepInfo(epoch, t.epochs, iteration, tr.total, epoch >= t.unsup_start_epoch,
-                                t.unsup_start_epoch * tr.iterations)
+                                t.unsup_start_epoch * tr.iterations_per_epoch)
                 losses = tr.method.training_step(batch, info)
                 per_opt = [(k[len("loss/"):], v) for k, v in losses.items() if k.startswith("loss/")]
                 if per_opt:
@@ -228,7 +229,7 @@ def test_defaults_on_the_cpu_compute_what_the_plain_loop_computes(method, toy_ro
     lines = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
     assert [x["losses"] for x in lines if x["event"] == "train"] == steps
     assert [x["val_dice"] for x in lines if x["event"] == "epoch"] == val_dice
-    ck = _state(out / "checkpoint.pt")
+    ck = load_state(out / "checkpoint.pt")
     mine = reference.method.state_dict()
     assert ck["method"].keys() == mine.keys()
     assert all(torch.equal(ck["method"][k], mine[k]) for k in mine)
@@ -301,7 +302,7 @@ def test_a_failure_after_a_nan_step_reports_the_nan(toy_root, tmp_path, local_me
     make_batch = Trainer.make_batch
 
     def failing(self, epoch, it):
-        if epoch * self.iterations + it == 5:
+        if epoch * self.iterations_per_epoch + it == 5:
             raise RuntimeError("a kernel choked on NaN weights")
         return make_batch(self, epoch, it)
 
@@ -311,7 +312,7 @@ def test_a_failure_after_a_nan_step_reports_the_nan(toy_root, tmp_path, local_me
     with pytest.raises(TrainingError, match=r"non-finite loss 'loss_cons' = nan at step 4 \(epoch 1, iteration 1 "
                                             r"of the epoch; 0-based\) \(also non-finite: 'loss'\) in _test_mt run toy"):
         train(cfg, out)
-    assert _state(out / "checkpoint.pt")["epoch"] == 0 and not (out / "train_done.json").exists()
+    assert load_state(out / "checkpoint.pt")["epoch"] == 0 and not (out / "train_done.json").exists()
 
 
 def test_run_step_defers_and_train_step_reads_at_once(toy_root, tmp_path, local_methods):  # noqa: F811

@@ -9,7 +9,7 @@ from PIL import Image
 from semibench.prepared import PreparedWriter
 from semibench.report import build, figures
 from semibench.report.features import pca_rgb, silhouette
-from tests.test_report import CONFIG, make_runs
+from tests.report_runs import CONFIG, make_runs
 
 
 def _prepared(root, n=14):

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from semibench.methods.gct import GCTHparams, dc_targets, flaw_target, handle_flawmap
 from semibench.engine import Trainer, train
 from semibench.method import StepInfo
-from tests.test_engine import one_thread, toy_config, toy_root  # noqa: F401 (fixtures)
+from tests.toy import toy_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = {"fd_channels": 4}  # a narrow flaw detector keeps the tests fast; the stack is the same
 

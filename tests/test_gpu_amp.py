@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from semibench.engine import Trainer
-from tests.test_engine import one_thread, toy_config, toy_root  # noqa: F401 (fixtures)
-from tests.test_optimizers import two_methods  # noqa: F401 (fixture)
+from tests.toy import toy_config
 
-pytestmark = [pytest.mark.gpu,
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 

@@ -14,9 +14,9 @@ from semibench.data import SampleCache
 from semibench.engine import Trainer, seed_everything, train
 from semibench.errors import TrainingError
 from semibench.model import build_model
-from tests.test_engine import local_methods, one_thread, toy_config, toy_root  # noqa: F401 (fixtures)
+from tests.toy import toy_config
 
-pytestmark = [pytest.mark.gpu,
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 

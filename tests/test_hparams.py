@@ -20,7 +20,9 @@ from semibench.errors import ConfigError, TrainingError
 from semibench.method import resolved_hparams
 from semibench.methods.meanteacher import MeanTeacherHparams
 from semibench.registry import METHODS
-from tests.test_engine import one_thread, toy_config, toy_root  # noqa: F401 (fixtures)
+from tests.toy import toy_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parent.parent
 

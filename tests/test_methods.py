@@ -9,24 +9,12 @@ from semibench.method import Batch, StepInfo, make_hparams
 from semibench.model import SegOutput, build_model
 from semibench.registry import METHODS
 from tests.fakes import FakeContext
+from tests.toy import toy_config, LinearSeg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ACTIVE = StepInfo(epoch=6, epochs=10, iteration=50, iterations=100, unsup_active=True)
 INACTIVE = StepInfo(epoch=0, epochs=10, iteration=3, iterations=100, unsup_active=False)
-
-
-class LinearSeg(nn.Module):
-    """A 1×1-conv 'segmenter' with hand-set weights: logits = (0, red channel)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 2, 1)
-        with torch.no_grad():
-            self.conv.weight.zero_()
-            self.conv.bias.zero_()
-            self.conv.weight[1, 0] = 1.0
-
-    def forward(self, x, project=True):
-        return SegOutput(x, self.conv(x), None)
 
 
 def pixel(r):
@@ -283,7 +271,6 @@ def test_declared_views_and_batches_are_checked_once():
         check_method_class(METHODS.get(name), VIEW_KINDS)
 
 
-from tests.test_engine import one_thread, toy_config, toy_root  # noqa: E402,F401 (fixtures)
 from semibench.engine import Trainer  # noqa: E402
 from semibench.method import Method  # noqa: E402
 

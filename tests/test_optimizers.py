@@ -3,79 +3,16 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from semibench.engine import Trainer, train
 from semibench.errors import ConfigError, TrainingError
-from semibench.method import Method
-from semibench.registry import METHODS
-from tests.test_engine import one_thread, toy_config, toy_root  # noqa: F401 (fixtures)
-from tests.test_resume import Killed, _assert_same_runs, _state
+from tests.toy import toy_config, Killed, load_state, assert_same_runs
 
-
-@dataclass
-class TwoHp:
-    mode: str = "split"  # split: loss/a + loss/b; total: one "loss"; only_a: loss/b has no gradient
-
-
-class TwoNets(Method):
-    """A segmenter ("a") and a 1×1-conv critic ("b") on its softmax; each loss depends on both
-    networks, so routing is visible: loss/a must not reach b, loss/b must not reach a."""
-
-    name = "_test_two"
-    Hparams = TwoHp
-    unlabeled_views = None
-
-    def __init__(self, ctx, hp):
-        super().__init__()
-        self.hp = hp
-        self.student = ctx.build_segmenter()
-        self.critic = nn.Conv2d(2, 1, 1)
-        ctx.add_optimizer(self.student.parameters(), name="a")
-        ctx.add_optimizer(self.critic.parameters(), name="b", lr=5e-3, betas=(0.5, 0.9))
-
-    def parts(self, batch):
-        logits = self.student(batch.labeled_image, project=False).logits
-        c = self.critic(logits.float().softmax(1))
-        loss_a = F.cross_entropy(logits.float(), batch.labeled_mask) + (c ** 2).mean()
-        loss_b = ((c - 1) ** 2).mean()
-        return loss_a, loss_b
-
-    def training_step(self, batch, step):
-        loss_a, loss_b = self.parts(batch)
-        if self.hp.mode == "total":
-            return {"loss": loss_a + loss_b}
-        if self.hp.mode == "only_a":
-            return {"loss/a": loss_a, "loss/b": loss_b.detach()}  # b gets no gradient this step
-        return {"loss/a": loss_a, "loss/b": loss_b, "La": loss_a.detach()}
-
-
-class RogueOptimizer(Method):
-    name = "_test_rogue"
-    Hparams = type(None)
-    unlabeled_views = None
-
-    def __init__(self, ctx, hp):
-        super().__init__()
-        self.student = ctx.build_segmenter()
-        self.head = nn.Linear(2, 2)
-        ctx.add_optimizer(self.student.parameters())
-        self.head_opt = torch.optim.SGD(self.head.parameters(), lr=0.1)  # bypasses the engine
-
-    def training_step(self, batch, step):
-        raise AssertionError("never reached")
-
-
-@pytest.fixture
-def two_methods(monkeypatch):
-    METHODS.names()
-    for cls in (TwoNets, RogueOptimizer):
-        monkeypatch.setitem(METHODS._items, cls.name, cls)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _clone(module):
@@ -174,10 +111,10 @@ def test_checkpoint_by_name_and_resume_bit_identical(toy_root, tmp_path, two_met
 
     with pytest.raises(Killed):
         train(cfg, tmp_path / "resumed", on_epoch_end=kill_after)
-    saved = _state(tmp_path / "resumed" / "checkpoint.pt")["optimizers"]
+    saved = load_state(tmp_path / "resumed" / "checkpoint.pt")["optimizers"]
     assert sorted(saved) == ["a", "b"] and saved["b"]["param_groups"][0]["initial_lr"] == 5e-3
     train(cfg, tmp_path / "resumed")
-    _assert_same_runs(tmp_path / "whole", tmp_path / "resumed")
+    assert_same_runs(tmp_path / "whole", tmp_path / "resumed")
 
 
 def test_checkpoint_with_other_optimiser_names_is_refused(toy_root, tmp_path, two_methods):  # noqa: F811

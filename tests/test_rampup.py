@@ -12,7 +12,9 @@ import pytest
 
 from semibench.engine import Trainer
 from semibench.method import StepInfo
-from tests.test_engine import one_thread, toy_config, toy_root  # noqa: F401 (fixtures)
+from tests.toy import toy_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_unsup_rampup_by_hand():
@@ -50,7 +52,7 @@ def test_the_engine_starts_each_ramp_at_the_gate(method, hp, weight_fn, full, af
     cfg = toy_config(toy_root, method, method_params=hp, epochs=4, iters_per_epoch=2,
                      unsup_start_epoch=2)
     tr = Trainer(cfg, tmp_path)
-    assert (tr.iterations, tr.total) == (2, 8)
+    assert (tr.iterations_per_epoch, tr.total) == (2, 8)
     weight = getattr(tr.method, weight_fn)
     gate = lambda it: StepInfo(it // 2, 4, it, 8, True, unsup_start_iteration=4)
     assert weight(gate(4)) == pytest.approx(full * math.exp(-5))

@@ -96,3 +96,18 @@ def test_inherited_static_attribute_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"fake 'b' .* has fixed_ratio = 1 but its class body "
                                           r"states None: state fixed_ratio in the body"):
         FAKE.get("b")
+
+
+def test_temporarily_registers_inside_the_block_only():
+    class Extra:
+        name = "_test_extra"
+    before = METHODS.names()
+    with METHODS.temporarily({"_test_extra": Extra}):
+        assert METHODS.get("_test_extra") is Extra and "_test_extra" in METHODS.names()
+    assert METHODS.names() == before
+    with pytest.raises(ConfigError, match="unknown method '_test_extra'"):
+        METHODS.get("_test_extra")
+    with pytest.raises(ConfigError, match="method suponly already registered"):
+        with METHODS.temporarily({"suponly": Extra}):
+            pass
+    assert METHODS.get("suponly") is not Extra

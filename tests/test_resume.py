@@ -13,11 +13,9 @@ from semibench.data import (BatchSchedule, derive_seed, iterations_per_epoch, lo
 from semibench.engine import Trainer, train
 from semibench.errors import ConfigError, DataError
 from semibench.registry import METHODS
-from tests.test_engine import local_methods, one_thread, toy_config, toy_root  # noqa: F401 (fixtures)
+from tests.toy import toy_config, Killed, load_state, assert_same_runs
 
-
-class Killed(Exception):
-    """Stands in for SIGKILL: nothing after the raise point runs."""
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- data stream
@@ -98,43 +96,6 @@ def test_resize_image_uint8():
 
 # ---------------------------------------------------------------------------- resume
 
-def _state(path):
-    return torch.load(path, weights_only=True)
-
-
-def _assert_same_tensors(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same_tensors(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same_tensors(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
-def _without_timing(lines):
-    drop = {"img_per_s", "peak_mem_mb", "train_s", "val_s"}
-    return [{k: v for k, v in json.loads(x).items() if k not in drop} for x in lines]
-
-
-def _assert_same_runs(a, b):
-    best_a, best_b = _state(a / "best.pt"), _state(b / "best.pt")
-    assert best_a["epoch"] == best_b["epoch"] and best_a["val_dice"] == best_b["val_dice"]
-    _assert_same_tensors(best_a["model"], best_b["model"], "best")
-    ck_a, ck_b = _state(a / "checkpoint.pt"), _state(b / "checkpoint.pt")
-    for key in ("method", "optimizers", "epoch", "best"):
-        _assert_same_tensors(ck_a[key], ck_b[key], key)
-    assert _without_timing((a / "train.jsonl").read_text().splitlines()) == \
-        _without_timing((b / "train.jsonl").read_text().splitlines())
-    done_a, done_b = (json.loads((d / "train_done.json").read_text()) for d in (a, b))
-    assert done_a["best_val_dice"] == done_b["best_val_dice"] and done_a["best_epoch"] == done_b["best_epoch"]
-
-
 # every registered method (its state: teachers, banks, counters, extra optimisers and its own
 # random draws must survive a resume), plus the local mean teacher killed after either epoch
 RESUME_CASES = [("_test_mt", 1, 3), ("_test_mt", 2, 3)] + [(m, 1, 2) for m in METHODS.names()]
@@ -154,10 +115,10 @@ def test_killed_after_epoch_k_and_resumed_is_bit_identical(method, k, epochs, to
 
     with pytest.raises(Killed):
         train(cfg, tmp_path / "resumed", on_epoch_end=kill_after)
-    assert _state(tmp_path / "resumed" / "checkpoint.pt")["epoch"] == k - 1
+    assert load_state(tmp_path / "resumed" / "checkpoint.pt")["epoch"] == k - 1
     assert not (tmp_path / "resumed" / "train_done.json").exists()
     train(cfg, tmp_path / "resumed")
-    _assert_same_runs(tmp_path / "whole", tmp_path / "resumed")
+    assert_same_runs(tmp_path / "whole", tmp_path / "resumed")
     if method == "meanteacher":  # and the test-set metrics of the two runs agree exactly
         from semibench.evaluate import evaluate_run
         a, b = evaluate_run(tmp_path / "whole"), evaluate_run(tmp_path / "resumed")
@@ -182,4 +143,4 @@ def test_killed_mid_epoch_replays_the_epoch(toy_root, tmp_path, local_methods, m
     assert [json.loads(x)["epoch"] for x in log].count(1) == 2  # two steps of epoch 1 were logged
     monkeypatch.setattr(Trainer, "run_step", step)
     train(cfg, tmp_path / "resumed")
-    _assert_same_runs(tmp_path / "whole", tmp_path / "resumed")
+    assert_same_runs(tmp_path / "whole", tmp_path / "resumed")

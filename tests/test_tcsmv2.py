@@ -17,7 +17,7 @@ from semibench.methods.tcsmv2 import (TCSMv2Hparams, Transform, apply_transform,
 from semibench.model import build_model
 from semibench.registry import METHODS
 from tests.fakes import FakeContext
-from tests.test_methods import LinearSeg
+from tests.toy import LinearSeg
 
 ACTIVE = StepInfo(epoch=6, epochs=10, iteration=50, iterations=100, unsup_active=True)
 COMBOS = list(itertools.product([False, True], range(4)))

@@ -21,7 +21,9 @@ from semibench.method import Batch, StepInfo, make_hparams, predicting
 from semibench.model import SegOutput, build_model
 from semibench.registry import METHODS
 from tests.fakes import FakeContext
-from tests.test_engine import one_thread, toy_config, toy_root  # noqa: F401 (fixtures)
+from tests.toy import toy_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ACTIVE = StepInfo(epoch=3, epochs=10, iteration=30, iterations=100, unsup_active=True)
 METHOD_NAMES = ["fixmatch", "unimatch"]

@@ -10,7 +10,6 @@ import re
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,31 +17,12 @@ import pytest
 
 from semibench.registry import DATASETS, METHODS
 from semibench.report.tables import METRICS, read_table1
-
-ROOT = Path(__file__).resolve().parent.parent
-WORKFLOW_FILES = ("Snakefile", "rules", "config", "profiles", "envs", "report")
-
-
-def snakemake(*args, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    # the rules call `semibench`: the one installed beside this interpreter
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    for var in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID"):
-        env.pop(var, None)
-    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
+from tests.workflow_tools import ROOT, WORKFLOW_FILES, copy_workflow, snakemake
 
 @pytest.fixture
 def workdir(tmp_path) -> Path:
     """A working copy of the workflow (no data, no results)."""
-    for name in WORKFLOW_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, tmp_path / name)
-        else:
-            shutil.copy2(src, tmp_path / name)
-    return tmp_path
+    return copy_workflow(tmp_path)
 
 
 def job_counts(output: str) -> dict[str, int]:

@@ -5,7 +5,6 @@ uninterrupted run."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_workflow import ROOT, WORKFLOW_FILES, snakemake
+from tests.workflow_tools import copy_workflow, snakemake
 
 # Two methods, one seed, a short run: enough for a killed training job to leave a checkpoint.
 SLICE = """
@@ -26,10 +25,7 @@ CONFIG = ("--configfile", "config/quick.yaml", "slice.yaml")
 
 
 def _copy_workflow(dest: Path) -> Path:
-    dest.mkdir(parents=True)
-    for name in WORKFLOW_FILES:
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / name)
+    copy_workflow(dest)
     (dest / "slice.yaml").write_text(SLICE)
     return dest
 
