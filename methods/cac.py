@@ -21,7 +21,7 @@ Per step, besides L_s = CE on the labeled batch:
 The bank is training state: it is saved in the method's ``state_dict`` (``get_extra_state``), so
 a resumed run sees the same negatives as an uninterrupted one (bit-identical on the CPU).
 
-Decisions ([D] in competitors.md), with the reasons:
+Decisions (where the paper and the official code leave a choice), with the reasons:
 
 - Single device (A1): ``concat_all_gather`` becomes the identity on detached tensors; the bank
   holds 2 · selected_num · (step_save + 1) negatives, half of the official 2-GPU count.

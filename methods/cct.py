@@ -23,58 +23,21 @@
 Defaults: the official ``configs/config.json`` of ``yassouali/CCT`` @65d4e5b (cited per field);
 the feature-drop range is hard-coded in its ``models/decoders.py``.
 
-Decisions (where the paper and the official code leave a choice, or differ):
-- C1, heads: the main decoder is the shared classifier with its bilinear upsampling;
-  each aux head is a fresh, independently initialised instance of the same classifier
-  (3×3 conv, Dropout2d 0.3, BN, ReLU, 1×1 conv), since CCT's aux decoders share the main
-  decoder's architecture; no ReLU/PixelShuffle (that would make logits ≥ 0, a quirk of the
-  original head, not of the method). Their Dropout2d and BN come with the copy.
-- K and learning rate: K = 30 with the official counts (the default the paper's own
-  code uses; PixelSSL's K = 11 is a port's choice); aux heads at 1× the learning rate, in the
-  student's optimiser, as the official code (its heads share the head's LR group).
-- Resolution: main and aux logits are upsampled to the input size before softmax-MSE,
-  as the official decoders compare full-resolution outputs and the guided masks are built at
-  full resolution.
-- C2, VAT: the adversarial direction by ``torch.autograd.grad`` in float32 with autocast off,
-  never ``.backward()`` inside the step. The probe passes run the aux head in eval mode (no
-  dropout, running BN statistics), so the two passes differ by ξ·d alone and do not move the BN
-  statistics; the perturbed pass that is trained runs in the head's normal mode.
-  The direction is normalised exactly per sample (no ``+1e-8`` on the norm), so r_adv has norm
-  ε. Measured on the tiny backbone (64² input): with ξ = 1e-6 the float32 gradient has norm
-  ~1e-12, so the official normalisation by ``norm + 1e-8`` shrinks r_adv to norm ~3e-4 instead
-  of ε = 2; and ξ·d lies below float32 resolution, so the direction itself has cosine ~0.2 / ~0
-  to the float64 direction (0.99 at ξ = 1e-3). ξ stays at the official 1e-6 (configurable as
-  ``xi``); at that value the VAT heads in effect see a random perturbation of norm ε.
-- C4, G-Cutout: objects are the 8-connected components of the predicted nucleus mask at
-  full resolution (``scipy.ndimage``; what ``cv2.findContours(RETR_EXTERNAL)`` outlines), and
-  every object is cut. The official ">50 contour points" filter is dropped: it counts the points
-  left by ``CHAIN_APPROX_SIMPLE`` compression (a square of any size has 4), makes G-Cutout a
-  no-op on isolated nuclei, and reproducing it would add OpenCV as a dependency.
-- C6: F-Noise's noise and F-Drop's u are drawn once per call and shared by the batch; VAT's d
-  is per element (as the official code).
-- The main head's unlabeled prediction (target and guidance of the masks) is its ordinary
-  training-mode output (BN batch statistics, its dropout on), as the official target comes from
-  the training-mode forward.
-- Schedules: the engine's optimiser, poly LR, batch sizes and run length, as for every
-  method (a fair comparison on one engine); CCT's loss-specific values are kept (weight 30) and
-  its ramp-up is rescaled to the run as the same fraction (10 %). No EMA teacher (CCT has none),
-  so ``train.ema_alpha`` does not apply.
-- weight_u stays at the official 30, measured against: L_u is a softmax-MSE averaged over the C
-  class channels, so its per-pixel pull against the cross-entropy scales with 1/C, and 30 was
-  set for VOC's C = 21. On DSB at 192², 1/32, random init, validation Dice fell 0.73 → 0.48 as
-  w_u reached 30 and test DC ended 0.055 below SupOnly (seed 0); w_u = 30·2/21 ≈ 2.86
-  (``method_params.cct.weight_u``), the official per-pixel balance, kept it rising and scored
-  +0.050 over w_u = 30 on that seed. docs/results-cpu-dsb.md has the runs.
-- Classifier dropout: decided in semibench/model.py (gated by train/eval); the aux
-  heads inherit it, and the evaluated student predicts without it.
-- Ramp-up over 10 % of the *iterations* that train L_u, from the engine's start epoch on: the
-  official code trains L_u from iteration 0, so there the ramp starts with it. Counted from
-  iteration 0 it would be spent behind our start gate and w_u would jump from 0 to 30 (measured
-  at 192², 1/32, start epoch 2 of 12: validation Dice fell from 0.73 to 0.55 in two epochs).
-  The official code rounds to whole epochs (int(0.1·epochs) epochs), a fraction of an epoch's
-  difference.
-- C3 (pair-wise loss, off and never trained in the official code) and confidence masking (off
-  by default) are not implemented.
+Decisions, in short (reasons and measurements: docs/methods/cct.md):
+- C1: the main decoder is the shared classifier; each aux head a fresh copy of it (no
+  ReLU/PixelShuffle); K = 30 heads at the official counts, in the student's optimiser, 1× lr.
+- Main and aux logits are compared at the input resolution (guided masks are built there).
+- C2, VAT: direction by ``torch.autograd.grad`` in float32, probes in eval mode, exact per-sample
+  normalisation (no ``+1e-8``); ξ stays the official 1e-6 (``xi``).
+- C4, G-Cutout: every 8-connected component of the predicted mask is cut (no ">50 contour
+  points" filter, no OpenCV).
+- C6: F-Noise and F-Drop draw once per call for the batch; VAT's d is per element.
+- The target is the main head's training-mode output; no EMA teacher (``train.ema_alpha``
+  unused); the engine's optimiser, poly LR, batches and run length.
+- weight_u stays the official 30 although it was set for C = 21 classes (at C = 2 the
+  class-count-matched value is 30·2/21 ≈ 2.86, ``method_params.cct.weight_u``).
+- Ramp-up over 10 % of the iterations that train L_u, counted from the engine's start gate.
+- C3 (pair-wise loss) and confidence masking, both off in the official code, are not built.
 """
 from __future__ import annotations
 

@@ -22,51 +22,19 @@ them by the engine, which back-propagates each loss into its own optimiser's par
 and ``loss/flaw`` reaches F only. F has its own Adam (lr 1e-4, betas (0.9, 0.99), poly like
 every optimiser of the engine).
 
-Decisions ([D] in competitors.md), with the reasons:
-
-- Blur kernels (G4): fixed pixel sizes at nucleus scale, 5 (handler), 9 (flaw target) and 17
-  (after each dilation), instead of the official im/16, im/8, im/4 of a 513-px VOC crop (33 and
-  65 px at 256², which smear one error over many nuclei). 17 px ≈ one nucleus diameter at our
-  192–256² inputs (DSB), so a dilated flaw stays within about one object of its error; the
-  official 1 : 2 : 4 ratio of the three kernels is kept. σ = 0.3((k − 1)/2 − 1) + 0.8 (OpenCV's
-  rule, as the official ``GaussianBlurLayer``).
-- In-place clamp (G1): the clean variant — the handler clamps a detached copy, F's loss sees
-  F's raw output. The official code clamps F's output in place through ``.data``, so its MSE
-  sees clamped values while autograd uses the raw ones; that is an accident, not the method.
-- Near-zero normalisation (G2): a map whose max is ≤ 0.1 becomes exactly 0 (the official
-  arithmetic gives −fmin/(fmax − fmin), ≤ 0 and unbounded, which makes tie-breaks arbitrary).
-  The test is per sample, like the min-max normalisation.
-- One forward per task model and one F pass per model: the step-0 predictions are the step-1
-  forward detached (the official code runs each task model twice, first under no_grad, in train
-  mode: the two passes see the same batch statistics and differ only in the dropout mask), and
-  F's output on it serves both L_fc (back-propagated into f_k only) and L_fd (into F only),
-  which equals the official F(x, sg(p_k)) for F's gradient. It halves the cost; BN running
-  statistics then update once per step in each task model and twice in F (officially twice
-  and four times).
-- Evaluated model: f_l (``inference_model``); both task models' validation Dice are logged
-  each epoch as ``val_dice/task_l`` and ``val_dice/task_r`` (PixelSSL validates both).
-- Task optimiser: the engine's Adam with the run's lr and poly schedule for both task models,
-  as for every method (the official SGD lr 2.5e-4 is the VOC/PSPNet recipe, not GCT's);
-  the two task models are two independently initialised DenseUNets (officially they differ
-  only in the randomly initialised layers, the backbone being pretrained).
-- Ramp-up: ``dc_rampup`` = 5/45 of the iterations from the engine's start epoch on (5 of 45
-  epochs in the PSPNet/VOC script), counted from that start: the official ramp starts with
-  L_dc at iteration 0; counted from iteration 0 behind our start gate, λ_dc·r(t) would jump from
-  0 to 100 at the gate.
-- Before ``unsup_start_epoch`` (the engine's gate for unsupervised terms, every method obeys
-  it) the batch is the labeled part only and L_dc = L_fc = 0; F is trained from the start (its
-  target is supervised).
-- λ_dc stays at the official 100, measured against: L_dc is an MSE averaged over B·C·H·W, so its
-  per-pixel pull against L_task scales with 1/C, and 100 was set for VOC's C = 21. At C = 2 it
-  weighs the pull between the two models ~10× more than there (2λ/(B·C) = 6.25 against
-  L_task's 1/B_labeled = 0.125 per pixel; VOC: 2.4 against 0.5). On DSB at 192², 1/32, random
-  init, both task models collapsed once it reached 100 (validation Dice 0.78 → 0.09, seed 0),
-  and did so with λ_fc = 0 too; λ_dc = 100·2/21 ≈ 9.5 (``method_params.gct.lambda_dc``), the
-  official per-pixel balance, lifted the weaker model instead (0.35 → 0.79, seed 1). Run to
-  the end, test DC went from 0.7503 / 0.7027 (λ_dc 100) to 0.8389 / 0.8355 (seeds 0 / 1),
-  level with SupOnly. docs/results-cpu-dsb.md has the runs.
-- F's width: ``fd_channels`` = 64 as the official stack (64-128-256-512); it needs inputs of
-  at least 64² (seven k4 convolutions, four with stride 2, then the k4 s2 classifier).
+Decisions, in short (reasons and measurements: docs/methods/gct.md):
+- G4: blur kernels 5, 9, 17 px at nucleus scale (the official 1 : 2 : 4 ratio), σ by OpenCV's rule.
+- G1: the handler clamps a detached copy (the official in-place clamp through ``.data`` is an
+  accident); G2: a flaw map whose max is ≤ 0.1 becomes exactly 0, per sample.
+- One forward per task model and one F pass per model per step (the official code runs each
+  twice); F's gradient equals the official F(x, sg(p_k)).
+- Evaluated model: f_l; both task models' validation Dice are logged.
+- The engine's Adam, lr and poly schedule for both task models, independently initialised.
+- Ramp-up of λ_dc over 5/45 of the iterations from the engine's start gate; before the gate
+  only L_task and F's loss are trained.
+- λ_dc stays the official 100 although it was set for C = 21 classes (class-count-matched at
+  C = 2: 100·2/21 ≈ 9.52, ``method_params.gct.lambda_dc``).
+- F's width ``fd_channels`` = 64 as the official stack (inputs of at least 64²).
 """
 from __future__ import annotations
 

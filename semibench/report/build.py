@@ -4,13 +4,13 @@ temporary name and renamed, so a failed step leaves no half-written output."""
 from __future__ import annotations
 
 import html
-import os
-import uuid
 from pathlib import Path
 
 import pandas as pd
 
+from ..atomic import write_atomic
 from ..errors import DataError
+from ..layout import run_key
 from . import stats
 from .paper import load_paper_tables
 from .plan import UPPER_BOUND, ReportPlan, display, plan_from_config, plan_from_runs
@@ -22,13 +22,6 @@ STATS_FILES = ["comparisons.csv", "comparisons.html", "friedman.csv", "pairwise.
                "ranking.csv", "ranking_freq.csv", "cases.csv"]
 TABLE_FILES = [f"{t}.{s}" for t in ("table1", "table2") for s in ("csv", "md", "tex", "html")] + \
     ["paper_delta.csv", "paper_delta.md", "paper_delta.html"]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def load(metric_files, config: dict | None) -> tuple[Results, ReportPlan]:
@@ -63,17 +56,24 @@ def compute_stats(results: Results, plan: ReportPlan, strict: bool = False) -> d
     seed_level = stats.seed_cases(results.per_image, metric)
     cases = stats.case_values(seed_level)
     comparisons = stats.run_families(seed_level, plan.family_list(), metric, plan.options, strict)
-    hib = results.higher_is_better(metric)
-    omni, pairs, freq, summ = [], [], [], []
-    for d, k in _cells(plan):
-        methods = _tested_methods(plan, d, k)
-        o, p = stats.friedman(seed_level, [(d, k)], methods, hib, plan.options)
-        f, s = stats.ranking_stability(seed_level, [(d, k)], methods, hib, plan.options)
-        omni.append(o), pairs.append(p), freq.append(f), summ.append(s)
-    cat = lambda xs: pd.concat([x for x in xs if not x.empty], ignore_index=True) \
-        if any(not x.empty for x in xs) else pd.DataFrame()
-    return {"comparisons": comparisons, "friedman": cat(omni), "pairwise": cat(pairs),
-            "ranking": cat(summ), "ranking_freq": cat(freq), "cases": cases}
+    higher_is_better = results.higher_is_better(metric)
+    parts: dict[str, list[pd.DataFrame]] = {"friedman": [], "pairwise": [], "ranking_freq": [],
+                                            "ranking": []}
+    for dataset, ratio in _cells(plan):
+        methods = _tested_methods(plan, dataset, ratio)
+        cell = [(dataset, ratio)]
+        omnibus, pairwise = stats.friedman(seed_level, cell, methods, higher_is_better, plan.options)
+        freq, summary = stats.ranking_stability(seed_level, cell, methods, higher_is_better,
+                                                plan.options)
+        for name, frame in zip(parts, (omnibus, pairwise, freq, summary)):
+            parts[name].append(frame)
+
+    def concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+        kept = [f for f in frames if not f.empty]
+        return pd.concat(kept, ignore_index=True) if kept else pd.DataFrame()
+
+    return {"comparisons": comparisons, **{name: concat(frames) for name, frames in parts.items()},
+            "cases": cases}
 
 
 def report_notes(results: Results, plan: ReportPlan) -> list[str]:
@@ -94,7 +94,7 @@ def data_notes(results: Results, plan: ReportPlan, section=None, limit: int = 3)
         nan = per[per[plan.metric].isna()]
         nan = nan[[inside(d, m) for d, m in zip(nan["dataset"], nan["method"])]]
         if not nan.empty:
-            shown = ", ".join(f"{r.dataset}/{r.method}/r{r.ratio}/seed{r.seed} {r.id}"
+            shown = ", ".join(f"{run_key(r.dataset, r.method, r.ratio, r.seed)} {r.id}"
                               for r in nan.head(limit).itertuples())
             more = f" and {len(nan) - limit} more" if len(nan) > limit else ""
             notes.append(f"{len(nan)} test sample(s) with NaN {results.abbrev(plan.metric)} "

@@ -18,7 +18,6 @@ from __future__ import annotations
 import html
 import math
 
-import numpy as np
 import pandas as pd
 
 from .plan import BEYOND_MARK, BEYOND_PAPER, ORDER, UPPER_BOUND, ReportPlan, Section, display
