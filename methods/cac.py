@@ -125,6 +125,10 @@ def masked_mean(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 @register_method("cac")
 class CAC(Method):
     name: ClassVar[str] = "cac"
+    display_name = "CAC"
+    report_rank = 70
+    in_paper = True
+    colour = "#e377c2"
     Hparams: ClassVar[type] = CACHparams
     unlabeled_views: ClassVar[str | None] = "two_crops"
     view_options: ClassVar[dict] = {"stride": STRIDE, "iou": (0.1, 1.0)}

@@ -138,6 +138,10 @@ def eval_mode(module: nn.Module):
 @register_method("cct")
 class CCT(Method):
     name: ClassVar[str] = "cct"
+    display_name = "CCT"
+    report_rank = 60
+    in_paper = True
+    colour = "#8c564b"
     Hparams: ClassVar[type] = CCTHparams
     unlabeled_views: ClassVar[str | None] = "single"
 

@@ -86,6 +86,10 @@ def cutmix_loss(logits_s: torch.Tensor, p_t: torch.Tensor, c: torch.Tensor) -> t
 @register_method("cutmix")
 class CutMix(Method):
     name: ClassVar[str] = "cutmix"
+    display_name = "CutMix"
+    report_rank = 40
+    in_paper = True
+    colour = "#17becf"
     Hparams: ClassVar[type] = CutMixHparams
     unlabeled_views: ClassVar[str | None] = "single"
     unlabeled_batches: ClassVar[int] = 2  # x_a and x_b, drawn independently

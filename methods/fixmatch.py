@@ -73,6 +73,10 @@ class FixMatchHparams(WeakToStrongHparams):
 @register_method("fixmatch")
 class FixMatch(Method):
     name: ClassVar[str] = "fixmatch"
+    display_name = "FixMatch"
+    report_rank = 100
+    in_paper = False
+    colour = "#bcbd22"
     Hparams: ClassVar[type] = FixMatchHparams
     unlabeled_views: ClassVar[str | None] = "weak_strong"
     unlabeled_batches: ClassVar[int] = 2  # u and the mix batch

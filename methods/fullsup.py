@@ -11,4 +11,8 @@ from semibench.registry import register_method
 @register_method("fullsup")
 class FullSup(SupOnly):
     name: ClassVar[str] = "fullsup"
+    display_name = "FullSup"
+    report_rank = 1000
+    in_paper = True
+    colour = "#000000"
     fixed_ratio: ClassVar[int | None] = 1

@@ -184,6 +184,10 @@ def flaw_target(prob: torch.Tensor, mask: torch.Tensor, hp: GCTHparams) -> torch
 @register_method("gct")
 class GCT(Method):
     name: ClassVar[str] = "gct"
+    display_name = "GCT"
+    report_rank = 50
+    in_paper = True
+    colour = "#9467bd"
     Hparams: ClassVar[type] = GCTHparams
     unlabeled_views: ClassVar[str | None] = "single"  # one view, shared by both task models
 

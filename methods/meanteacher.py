@@ -41,6 +41,10 @@ class MeanTeacherHparams:
 @register_method("meanteacher")
 class MeanTeacher(Method):
     name: ClassVar[str] = "meanteacher"
+    display_name = "MeanTeacher"
+    report_rank = 20
+    in_paper = True
+    colour = "#1f77b4"
     Hparams: ClassVar[type] = MeanTeacherHparams
     unlabeled_views: ClassVar[str | None] = "weak_strong"
 

@@ -20,6 +20,10 @@ class SupOnlyHparams:
 @register_method("suponly")
 class SupOnly(Method):
     name: ClassVar[str] = "suponly"
+    display_name = "SupOnly"
+    report_rank = 10
+    in_paper = True
+    colour = "#7f7f7f"
     Hparams: ClassVar[type] = SupOnlyHparams
     unlabeled_views: ClassVar[str | None] = None  # labeled data only
 

@@ -169,6 +169,10 @@ def invert_transform(z: torch.Tensor, tf: Transform) -> tuple[torch.Tensor, torc
 @register_method("tcsmv2")
 class TCSMv2(Method):
     name: ClassVar[str] = "tcsmv2"
+    display_name = "TCSMv2"
+    report_rank = 30
+    in_paper = True
+    colour = "#ff7f0e"
     Hparams: ClassVar[type] = TCSMv2Hparams
     unlabeled_views: ClassVar[str | None] = "single"  # one crop: clean for S, T(· + ξ) for the teacher
 

@@ -83,6 +83,10 @@ class UniMatchHparams(WeakToStrongHparams):
 @register_method("unimatch")
 class UniMatch(Method):
     name: ClassVar[str] = "unimatch"
+    display_name = "UniMatch"
+    report_rank = 110
+    in_paper = False
+    colour = "#393b79"
     Hparams: ClassVar[type] = UniMatchHparams
     unlabeled_views: ClassVar[str | None] = "weak_strong"
     view_options: ClassVar[dict] = {"strong_views": 2}  # x_s1 = "strong", x_s2 = "strong_2"

@@ -172,6 +172,16 @@ class Method(nn.Module):
     view_options: ClassVar[dict] = {}  # keyword options of the view kind, e.g. two_crops' stride
     fixed_ratio: ClassVar[int | None] = None  # e.g. FullSup trains with every train sample labeled
     unlabeled_batches: ClassVar[int] = 1  # independently drawn unlabeled batches per step
+    # How the report shows the method (read from the class body without importing it, as
+    # ``fixed_ratio``): its name in tables and figures (default: the registry name); its place,
+    # rows sorted by rank then as given (the paper's rows 10-90, CDCL 90, later baselines 100+,
+    # FullSup last; the default sits just before CDCL); whether the CDCL paper has it (else the
+    # tables mark it "*": no paper numbers to compare with); a fixed colour (default: a shared
+    # palette's next).
+    display_name: ClassVar[str | None] = None
+    report_rank: ClassVar[int] = 89
+    in_paper: ClassVar[bool] = False
+    colour: ClassVar[str | None] = None
 
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
         """Return named losses; ``"loss"`` is the total that the engine back-propagates."""

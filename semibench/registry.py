@@ -82,7 +82,12 @@ def scan_source(source: str, decorator: str, attrs: tuple[str, ...]) -> tuple[di
                 v = _literal(value)
                 if v is not _UNKNOWN:
                     found[name][target.id] = v
-    if dynamic and isinstance(declared, (tuple, list)) and all(isinstance(n, str) for n in declared):
+    if isinstance(declared, dict) and all(isinstance(n, str) and isinstance(f, dict)
+                                          for n, f in declared.items()):
+        for n, facts in declared.items():  # computed classes: their static attributes stated here
+            found.setdefault(n, {}).update({a: v for a, v in facts.items() if a in attrs})
+        dynamic = False
+    elif dynamic and isinstance(declared, (tuple, list)) and all(isinstance(n, str) for n in declared):
         for n in declared:
             found.setdefault(n, {})
         dynamic = False
@@ -90,9 +95,12 @@ def scan_source(source: str, decorator: str, attrs: tuple[str, ...]) -> tuple[di
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, package: str, group: str, static_attrs: tuple[str, ...] = ()):
+    def __init__(self, kind: str, package: str, group: str,
+                 static_attrs: dict | tuple[str, ...] | None = None):
         self.kind, self.package, self.group = kind, package, group
-        self.static_attrs = static_attrs
+        # attribute -> the base class's default (a tuple of names: all default None)
+        self.static_attrs = dict(static_attrs) if isinstance(static_attrs, dict) else \
+            dict.fromkeys(static_attrs or ())
         self._items: dict[str, T] = {}
         self._catalog: dict[str, str] | None = None  # name -> module (or "entry point")
         self._facts: dict[str, dict] = {}  # name -> static class attributes from the source
@@ -147,7 +155,8 @@ class Registry(Generic[T]):
         catalog: dict[str, str] = {}
         for module, path in self._modules():
             found, dynamic = ({}, True) if path is None else \
-                scan_source(path.read_text(encoding="utf-8"), self.decorator, self.static_attrs)
+                scan_source(path.read_text(encoding="utf-8"), self.decorator,
+                            tuple(self.static_attrs))
             if dynamic:  # names this cannot read: import the module to learn them
                 before = set(self._items)
                 importlib.import_module(module)
@@ -191,13 +200,14 @@ class Registry(Generic[T]):
         if facts is None:
             return
         obj = self._items[name]
-        for attr in self.static_attrs:
-            runtime = getattr(obj, attr, None)
-            if runtime != facts.get(attr):
+        for attr, default in self.static_attrs.items():
+            runtime, stated = getattr(obj, attr, default), facts.get(attr, default)
+            if runtime != stated:
+                said = f"states {stated!r}" if attr in facts else f"does not state it (default {default!r})"
                 raise ConfigError(
                     f"{self.kind} {name!r} ({obj.__module__}) has {attr} = {runtime!r} but its "
-                    f"class body states {facts.get(attr)!r}: state {attr} in the body of the "
-                    f"registered class (semibench reads it from the source, without importing)")
+                    f"class body {said}: state {attr} in the body of the registered class "
+                    f"(semibench reads it from the source, without importing)")
 
     def get(self, name: str) -> T:
         if name not in self._items:
@@ -211,17 +221,21 @@ class Registry(Generic[T]):
 
     def static(self, name: str, attr: str):
         """A class attribute of ``static_attrs`` without importing the module when its source
-        states it (None = the base class default); an unknown name is a ConfigError."""
+        states it (else the base class's default); an unknown name is a ConfigError."""
+        default = self.static_attrs.get(attr)
         if name in self._items:
-            return getattr(self._items[name], attr, None)
+            return getattr(self._items[name], attr, default)
         self.catalog()
         if name in self._facts:
-            return self._facts[name].get(attr)
-        return getattr(self.get(name), attr, None)
+            return self._facts[name].get(attr, default)
+        return getattr(self.get(name), attr, default)
 
 
+#: the class attributes read from a method's source without importing it (semibench.method)
+METHOD_STATIC_ATTRS = {"fixed_ratio": None, "display_name": None, "report_rank": 89,
+                       "in_paper": False, "colour": None}
 METHODS: Registry = Registry("method", "semibench.methods", "semibench.methods",
-                             static_attrs=("fixed_ratio",))
+                             static_attrs=METHOD_STATIC_ATTRS)
 DATASETS: Registry = Registry("dataset", "semibench.datasets", "semibench.datasets")
 register_method = METHODS.register
 register_dataset = DATASETS.register

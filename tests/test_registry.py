@@ -67,6 +67,10 @@ def test_scan_source_forms():
     declared = src + '\nREGISTERED_NAMES = ("c", "d")\n'
     found, dynamic = scan_source(declared, "register_method", ("fixed_ratio",))
     assert set(found) == {"a", "b", "c", "d"} and not dynamic
+    # computed classes may state their static attributes beside their names (methods/cdcl.py)
+    declared = src + '\nREGISTERED_NAMES = {"c": {"fixed_ratio": 4, "other": 1}, "d": {}}\n'
+    found, dynamic = scan_source(declared, "register_method", ("fixed_ratio",))
+    assert found == {"a": {"fixed_ratio": 1}, "b": {}, "c": {"fixed_ratio": 4}, "d": {}} and not dynamic
 
 
 FAKE = Registry("fake", "fakepkg_registry", "semibench.none", ("fixed_ratio",))
@@ -94,7 +98,7 @@ def test_inherited_static_attribute_is_refused(tmp_path, monkeypatch):
     assert FAKE.static("b", "fixed_ratio") is None  # what the source shows
     assert FAKE.get("a").fixed_ratio == 1
     with pytest.raises(ConfigError, match=r"fake 'b' .* has fixed_ratio = 1 but its class body "
-                                          r"states None: state fixed_ratio in the body"):
+                                          r"does not state it \(default None\): state fixed_ratio"):
         FAKE.get("b")
 
 
@@ -111,3 +115,15 @@ def test_temporarily_registers_inside_the_block_only():
         with METHODS.temporarily({"suponly": Extra}):
             pass
     assert METHODS.get("suponly") is not Extra
+
+
+def test_method_metadata_defaults_are_the_base_class_s_and_every_method_states_its_own():
+    from semibench.method import Method
+    from semibench.registry import METHOD_STATIC_ATTRS
+    assert {a: getattr(Method, a) for a in METHOD_STATIC_ATTRS} == METHOD_STATIC_ATTRS
+    fresh = Registry(METHODS.kind, METHODS.package, METHODS.group, METHODS.static_attrs)
+    for name in fresh.names():  # read from source, then checked against the imported class
+        stated = {a: fresh.static(name, a) for a in METHOD_STATIC_ATTRS}
+        assert {a: getattr(METHODS.get(name), a) for a in METHOD_STATIC_ATTRS} == stated
+    assert fresh.static("cdcl-scheme3", "display_name") == "Scheme.3"
+    assert fresh.static("fixmatch", "in_paper") is False and fresh.static("cdcl", "in_paper") is True

@@ -220,6 +220,25 @@ def test_methods_beyond_the_paper_are_set_apart():
     assert len(set(colours.values())) == len(colours)  # every registered method its own colour
 
 
+def test_a_plugin_method_declares_how_the_report_shows_it():
+    """Name, place, paper mark and colour come from the method's class, not from report code."""
+    from semibench.method import Method
+    from semibench.registry import METHODS
+    from semibench.report.figures import palette
+    from semibench.report.plan import display, order_methods
+    from semibench.report.tables import beyond_paper_note
+
+    class Mine(Method):
+        name, display_name, report_rank, in_paper, colour = "_mine", "Mine", 95, False, "#123456"
+
+    with METHODS.temporarily({"_mine": Mine}):
+        assert display("_mine") == "Mine*"
+        assert order_methods(["fixmatch", "_mine", "cdcl", "suponly"]) == ["suponly", "cdcl", "_mine", "fixmatch"]
+        assert palette(["_mine", "cdcl"]) == {"_mine": "#123456", "cdcl": "#d62728"}
+        assert beyond_paper_note(("suponly", "_mine", "unimatch")).startswith(
+            " * Not in the CDCL paper: Mine, UniMatch, on the same network")
+
+
 # ---------------------------------------------------------------- issue 22: trust in the report
 
 def _report_cli(tmp_path, files, config, *extra) -> tuple[int, str]:

@@ -17,24 +17,26 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from ..atomic import write_atomic
-from .plan import UPPER_BOUND, ReportPlan, display, order_methods  # noqa: E402
+from .plan import UPPER_BOUND, ReportPlan, display, method_facts, order_methods  # noqa: E402
 from .read import Results  # noqa: E402
 
-FIGURES = ["dice_vs_ratio", "per_image_dice", "delta_vs_reference", "cd_diagram",
-           "ranking_stability", "overlays", "training_curves"]
-# One colour per method everywhere: the bounds grey/black, CDCL red, the competitors tab10, the
-# ablation schemes one green ramp (they are variants of one method).
-_FIXED = {"suponly": "#7f7f7f", "meanteacher": "#1f77b4", "tcsmv2": "#ff7f0e", "cutmix": "#17becf",
-          "gct": "#9467bd", "cct": "#8c564b", "cac": "#e377c2", "cdcl": "#d62728",
-          "fullsup": "#000000", "fixmatch": "#bcbd22", "unimatch": "#393b79",
-          **{f"cdcl-scheme{i}": c for i, c in
-             enumerate(sns.color_palette("YlGn", 8).as_hex()[2:], start=1)}}
+#: every figure of the report, by name, in drawing order: ``@figure`` adds one. A figure function
+#: takes (results, plan, cases, stats_dir, cfg) and returns a matplotlib figure; it is written as
+#: results/figures/<name>.{png,pdf}, and a failure becomes a placeholder saying why.
+DRAW: dict = {}
+
+
+def figure(draw):
+    DRAW[draw.__name__] = draw
+    return draw
 
 
 def palette(methods) -> dict:
-    """The same colour for a method in every figure and report."""
+    """The same colour for a method in every figure and report: the colour its class declares
+    (the bounds grey/black, CDCL red, the competitors tab10, the ablation schemes one green
+    ramp), else the next of a shared palette."""
     extra = iter(sns.color_palette("Dark2", 8).as_hex() * 4)
-    return {m: _FIXED[m] if m in _FIXED else next(extra) for m in methods}
+    return {m: method_facts(m)["colour"] or next(extra) for m in methods}
 
 
 #: no creation date in the files: identical inputs give identical bytes (PNG carries no date)
@@ -82,7 +84,8 @@ def _facets(n: int, width=4.2, height=3.4):
 
 # ---------------------------------------------------------------- figures
 
-def dice_vs_ratio(results: Results, plan: ReportPlan, cases, stats_dir):
+@figure
+def dice_vs_ratio(results: Results, plan: ReportPlan, cases, stats_dir, cfg=None):
     metric = plan.metric
     runs = results.runs[(results.runs["convention"] == plan.convention) & (results.runs["metric"] == metric)]
     runs = runs[runs["dataset"].isin(plan.grid.datasets) & runs["method"].isin(plan.grid.methods)]
@@ -135,7 +138,8 @@ def _cells_present(cases, plan):
     return list(dict.fromkeys(zip(cases["dataset"], cases["ratio"])))
 
 
-def per_image_dice(results, plan, cases, stats_dir):
+@figure
+def per_image_dice(results, plan, cases, stats_dir, cfg=None):
     if cases.empty:
         return placeholder("no per-image values")
     upper = cases[cases["method"] == UPPER_BOUND]
@@ -160,7 +164,8 @@ def per_image_dice(results, plan, cases, stats_dir):
     return fig
 
 
-def delta_vs_reference(results, plan, cases, stats_dir):
+@figure
+def delta_vs_reference(results, plan, cases, stats_dir, cfg=None):
     ref = plan.reference
     if cases.empty or ref not in set(cases["method"]):
         return placeholder(f"no per-image values of the reference {display(ref)}")
@@ -203,7 +208,8 @@ def _cliques(methods_by_rank, pvals, alpha):
     return out
 
 
-def cd_diagram(results, plan, cases, stats_dir):
+@figure
+def cd_diagram(results, plan, cases, stats_dir, cfg=None):
     friedman = _read(stats_dir, "friedman.csv")
     pairwise = _read(stats_dir, "pairwise.csv")
     if friedman is None or friedman.empty:
@@ -250,7 +256,8 @@ def cd_diagram(results, plan, cases, stats_dir):
     return fig
 
 
-def ranking_stability(results, plan, cases, stats_dir):
+@figure
+def ranking_stability(results, plan, cases, stats_dir, cfg=None):
     freq = _read(stats_dir, "ranking_freq.csv")
     summary = _read(stats_dir, "ranking.csv")
     if freq is None or freq.empty:
@@ -289,6 +296,7 @@ def _load_prepared(cfg: dict, dataset: str):
     return PreparedDataset(root) if (root / "manifest.json").exists() else None
 
 
+@figure
 def overlays(results, plan, cases, stats_dir, cfg=None):
     """Figure 3/5 style: truth red, prediction green, overlap yellow, for the test images at the
     10th/50th/90th percentile of ΔDC (reference − baseline) in the first seed: one column per
@@ -362,7 +370,8 @@ def overlays(results, plan, cases, stats_dir, cfg=None):
     return placeholder(f"no dataset/ratio with both {display(ref)} and {display(base)} per-image results")
 
 
-def training_curves(results, plan, cases, stats_dir):
+@figure
+def training_curves(results, plan, cases, stats_dir, cfg=None):
     ep = results.epochs
     if ep.empty:
         return placeholder("no train.jsonl epoch events")
@@ -415,10 +424,7 @@ def _read(stats_dir, name):
         return None
 
 
-DRAW = {"dice_vs_ratio": dice_vs_ratio, "per_image_dice": per_image_dice,
-        "delta_vs_reference": delta_vs_reference, "cd_diagram": cd_diagram,
-        "ranking_stability": ranking_stability, "overlays": overlays,
-        "training_curves": training_curves}
+FIGURES = list(DRAW)
 
 
 def write_figures(results: Results, plan: ReportPlan, stats_dir: Path, out_dir: Path,
@@ -434,8 +440,7 @@ def write_figures(results: Results, plan: ReportPlan, stats_dir: Path, out_dir: 
         try:
             draw = DRAW[name]
             with seeded(plan.options.seed):
-                fig = draw(results, plan, cases, stats_dir, cfg) if name == "overlays" else \
-                    draw(results, plan, cases, stats_dir)
+                fig = draw(results, plan, cases, stats_dir, cfg)
         except Exception as e:  # one figure must not take down the others
             plt.close("all")
             fig = placeholder(f"{type(e).__name__}: {e}")

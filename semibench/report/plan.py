@@ -4,36 +4,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import ConfigError
+from ..registry import METHOD_STATIC_ATTRS, METHODS
 from .stats import Family, StatOptions
 
-#: the paper's names; methods not listed keep their registry name
-DISPLAY = {"suponly": "SupOnly", "fullsup": "FullSup", "meanteacher": "MeanTeacher",
-           "tcsmv2": "TCSMv2", "cutmix": "CutMix", "gct": "GCT", "cct": "CCT", "cac": "CAC",
-           "cdcl": "CDCL", **{f"cdcl-scheme{i}": f"Scheme.{i}" for i in range(1, 7)},
-           "fixmatch": "FixMatch*", "unimatch": "UniMatch*"}
-#: methods that are not in the CDCL paper's tables (later baselines): shown after the paper's
-#: rows, their names marked with BEYOND_MARK and explained in the table footnote
-BEYOND_PAPER = ("fixmatch", "unimatch")
+#: the mark of a method the CDCL paper's tables do not have (``in_paper = False`` in its class),
+#: explained in the table footnote
 BEYOND_MARK = "*"
-#: one method order everywhere (tables, figures, palette): the paper's rows, then the rest
-ORDER = ["suponly", "meanteacher", "tcsmv2", "cutmix", "gct", "cct", "cac",
-         *[f"cdcl-scheme{i}" for i in range(1, 7)], "cdcl", *BEYOND_PAPER, "fullsup"]
 UPPER_BOUND = "fullsup"  # never bold, never tested: it sees every label
 FAMILY_KINDS = ("vs_reference", "vs_baseline", "ablation")
+_UNKNOWN = {"display_name": None, "report_rank": METHOD_STATIC_ATTRS["report_rank"],
+            "in_paper": True, "colour": None}
+
+
+def method_facts(method: str) -> dict:
+    """How the report shows ``method``: display_name, report_rank, in_paper and colour, as its
+    class declares them (semibench.method; read from the source, no import). A name that no
+    installed method has (runs read from another machine) keeps its name, the default place,
+    no mark and no fixed colour."""
+    try:
+        return {attr: METHODS.static(method, attr) for attr in _UNKNOWN}
+    except ConfigError:
+        return dict(_UNKNOWN)
+
+
+def beyond_paper(method: str) -> bool:
+    return not method_facts(method)["in_paper"]
 
 
 def display(method: str) -> str:
-    return DISPLAY.get(method, method)
+    facts = method_facts(method)
+    return (facts["display_name"] or method) + ("" if facts["in_paper"] else BEYOND_MARK)
 
 
 def order_methods(methods) -> list[str]:
-    """Known methods in ORDER, unknown ones before cdcl in the order given, then cdcl, the
-    methods beyond the paper and fullsup."""
+    """One method order everywhere (tables, figures, palette): by each method's report_rank
+    (the paper's rows, CDCL, later baselines, FullSup last), ties in the order given."""
     methods = list(dict.fromkeys(methods))
-    last = ("cdcl", *BEYOND_PAPER, UPPER_BOUND)
-    known = [m for m in ORDER if m in methods and m not in last]
-    tail = [m for m in last if m in methods]
-    return known + [m for m in methods if m not in ORDER] + tail
+    return sorted(methods, key=lambda m: method_facts(m)["report_rank"])
 
 
 @dataclass(frozen=True)
@@ -167,7 +175,7 @@ def plan_from_config(config: dict) -> ReportPlan:
         abl = dict(abl, methods=base_rows + [m for m in abl["methods"]
                                              if m not in (baseline, reference)] + ref_rows)
     ablation = _section(abl, with_fullsup=False)
-    if ablation is not None:  # Table 2 keeps the config's row order (the paper's), not ORDER
+    if ablation is not None:  # Table 2 keeps the config's row order (the paper's), not report_rank
         ablation = Section(ablation.datasets, tuple(dict.fromkeys(abl["methods"])),
                            ablation.ratios, ablation.seeds)
     options = StatOptions(alpha=float(rep.get("alpha", 0.05)),

@@ -20,7 +20,8 @@ import math
 
 import pandas as pd
 
-from .plan import BEYOND_MARK, BEYOND_PAPER, ORDER, UPPER_BOUND, ReportPlan, Section, display
+from .plan import BEYOND_MARK, UPPER_BOUND, ReportPlan, Section, beyond_paper, display, method_facts, \
+    order_methods
 from .read import Results
 
 BELOW, ABOVE, MISSING = "†", "‡", "—"  # below the reference, above the baseline (the paper's)
@@ -204,12 +205,11 @@ def footnote(plan: ReportPlan, n_cases: dict, families: list[str], abbrev, upper
 
 def beyond_paper_note(methods) -> str:
     """The footnote sentence for rows that are not in the CDCL paper's tables ("" if none)."""
-    shown = [display(m) for m in BEYOND_PAPER if m in methods]
+    shown = [display(m) for m in order_methods(methods) if beyond_paper(m)]
     if not shown:
         return ""
     return (f" {BEYOND_MARK} Not in the CDCL paper: {', '.join(s.rstrip(BEYOND_MARK) for s in shown)}, "
-            f"later baselines on the same network, data, splits and engine (no paper numbers to "
-            f"compare with).")
+            f"on the same network, data, splits and engine (no paper numbers to compare with).")
 
 
 def render_markdown(frame: pd.DataFrame, title: str, note: str, abbrev) -> str:
@@ -329,8 +329,7 @@ def paper_delta(summary: pd.DataFrame, paper1: pd.DataFrame, paper2: pd.DataFram
                          on=["dataset", "ratio", "method", "metric"], how="inner")
     merged["delta"] = merged["ours"] - merged["paper"]
     metric_rank = {m: i for i, m in enumerate(abbrev_to_metric.values())}
-    method_rank = {m: i for i, m in enumerate(ORDER)}
-    merged["_m"] = merged["method"].map(method_rank).fillna(len(ORDER))
+    merged["_m"] = merged["method"].map(lambda m: method_facts(m)["report_rank"])
     merged["_x"] = merged["metric"].map(metric_rank)
     return merged.sort_values(["table", "dataset", "ratio", "_m", "_x"],
                               ascending=[True, True, False, True, True],
