@@ -28,7 +28,11 @@ Decisions (where the paper and the official code leave a choice), with the reaso
 - ``selected_num`` (A2): ``selected_frac`` = 0.5 of B·h·w at 1/8 per view (VOC: 6400 of 8·40·40
   = 12800), so it never exceeds the population whatever the batch and crop size.
 - Classifier on the pooled 1/8 features (faithful, A4): the shared classifier is
-  resolution-agnostic, and its pseudo-labels then live on the projector's grid.
+  resolution-agnostic, and its pseudo-labels then live on the projector's grid. That pass
+  normalises with its batch's statistics but does not update the BatchNorm running statistics
+  (``batch_statistics_only``): the official classifier has no BatchNorm, and pooled features,
+  with about half the variance of the 1/4 features the evaluated network sees, would bias the
+  statistics used at test time (they did: two of five updates per step came from them).
 - Start epoch: the engine's ``unsup_start_epoch`` (every method's gate, so the comparison is
   at the same schedule) unless ``start_epoch`` is set (the official 5, 0-based, of 80 epochs).
 - Flips: each crop draws a left-right *and* an up-down flip (official: left-right only), as all
@@ -56,7 +60,7 @@ import torch.nn.functional as F
 from semibench.augment import undo_flips
 from semibench.errors import ConfigError, TrainingError
 from semibench.losses import supervised_loss
-from semibench.method import Batch, Method, MethodContext, StepInfo
+from semibench.method import Batch, Method, MethodContext, StepInfo, batch_statistics_only
 from semibench.registry import register_method
 
 STRIDE = 8  # the projector's output stride: crop offsets and overlap boxes are multiples of it
@@ -143,7 +147,8 @@ class CAC(Method):
     def _view(self, crop: torch.Tensor, flip: torch.Tensor):
         """z (normalised projections), κ, ŷ of one crop at 1/8, flipped back."""
         out = self.student(crop, project=True)
-        logits = self.student.classifier(F.avg_pool2d(out.features, 2, 2)).detach().float()
+        with batch_statistics_only(self.student.classifier):  # pooled features: not the test's
+            logits = self.student.classifier(F.avg_pool2d(out.features, 2, 2)).detach().float()
         conf, label = logits.softmax(1).max(1)
         z = F.normalize(out.proj.float(), dim=1)
         if tuple(z.shape[-2:]) != tuple(label.shape[-2:]):

@@ -44,6 +44,9 @@ How the planned methods fit:
 - predictions as at test time in the middle of a step (FixMatch's and UniMatch's pseudo-labels
   of the mix batch): ``with predicting(net):`` runs ``net`` in eval mode (BatchNorm running
   statistics, no dropout, no update of the statistics) without gradient, and restores its mode.
+- an extra training-mode pass that must not move the statistics used at test time (CAC's
+  classifier on pooled 1/8 features): ``with batch_statistics_only(net):`` normalises with the
+  batch's statistics and leaves the BatchNorm running statistics as they were.
 - feature perturbation (UniMatch): ``net(x, feature_dropout=p)`` of a segmenter also returns
   ``fp_logits``, the decoder's output on channel-dropped encoder features, decoded in one batch
   with the clean ones (:class:`semibench.model.DenseUNet`).
@@ -208,6 +211,24 @@ def predicting(net: nn.Module) -> Iterator[nn.Module]:
             yield net
     finally:
         net.train(was_training)
+
+
+@contextmanager
+def batch_statistics_only(net: nn.Module) -> Iterator[nn.Module]:
+    """``net``'s BatchNorm layers normalise with the batch's statistics (as in training) but leave
+    their running statistics, used at test time, unchanged for the block: for an extra pass on
+    inputs unlike the test inputs (CAC's classifier on pooled 1/8 features)."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.training and m.track_running_stats]
+    saved = [(m, m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 − 0)·running + 0·batch: exactly unchanged
+    try:
+        yield net
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
 
 
 def make_hparams(cls: type, overrides: Mapping[str, Any] | None) -> Any:

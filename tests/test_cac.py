@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from semibench.augment import AugmentConfig, make_views, undo_flips
 from semibench.engine import Trainer, train
-from semibench.method import StepInfo
+from semibench.method import StepInfo, batch_statistics_only
 from semibench.methods.cac import directional_masks, directional_nce, overlap
 from tests.toy import toy_config, Killed, load_state, assert_same_runs
 
@@ -133,3 +133,25 @@ def test_unsupervised_terms_wait_for_the_start_epoch(toy_root, tmp_path):  # noq
     info = StepInfo(epoch=1, epochs=3, iteration=3, iterations=tr.total, unsup_active=True)
     losses = tr.method.training_step(tr.make_batch(1, 0), info)
     assert {"L1", "L2"} <= set(losses) and len(tr.method.bank) == 1
+
+
+def test_the_pooled_classifier_pass_leaves_the_running_statistics_alone(toy_root, tmp_path):  # noqa: F811
+    """Per active step the classifier's BatchNorm is updated by the labeled pass and by the two
+    crops' 1/4 passes (3), never by the pooled 1/8 passes; the pooled pass itself normalises with
+    its batch's statistics, as in training."""
+    tr = Trainer(toy_config(toy_root, "cac", unsup_start_epoch=0), tmp_path)
+    bn = tr.method.student.classifier.bn
+    before = (bn.num_batches_tracked.item(), bn.running_mean.clone())
+    tr.train_step(0, 0)
+    assert bn.num_batches_tracked.item() - before[0] == 3
+    classifier = tr.method.student.classifier.train()
+    x = torch.randn(2, classifier.conv1.in_channels, 4, 4)
+    stats = (bn.num_batches_tracked.clone(), bn.running_mean.clone(), bn.running_var.clone())
+    with batch_statistics_only(classifier):
+        torch.manual_seed(0)
+        inside = classifier(x)
+    assert torch.equal(stats[0], bn.num_batches_tracked) and torch.equal(stats[1], bn.running_mean)
+    assert torch.equal(stats[2], bn.running_var) and bn.momentum == 0.1
+    torch.manual_seed(0)
+    assert torch.equal(classifier(x), inside)  # the same batch-statistics forward
+    assert not torch.equal(bn.running_mean, stats[1])  # a normal pass does update them
