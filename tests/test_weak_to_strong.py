@@ -21,7 +21,7 @@ from semibench.method import Batch, StepInfo, make_hparams, predicting
 from semibench.model import SegOutput, build_model
 from semibench.registry import METHODS
 from tests.fakes import FakeContext
-from tests.toy import toy_config
+from tests.toy import LinearSeg, toy_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,17 +30,9 @@ METHOD_NAMES = ["fixmatch", "unimatch"]
 STRONG = {"fixmatch": ("strong",), "unimatch": ("strong", "strong_2")}
 
 
-class RedNet(nn.Module):
+class RedNet(LinearSeg):
     """A per-pixel 'segmenter': logits = (0, red channel); the feature-perturbation stream is
     the same map on channel-dropped inputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 2, 1)
-        with torch.no_grad():
-            self.conv.weight.zero_()
-            self.conv.bias.zero_()
-            self.conv.weight[1, 0] = 1.0
 
     def forward(self, x, project=True, feature_dropout=0.0):
         fp = self.conv(F.dropout2d(x, feature_dropout, training=True)) if feature_dropout > 0 else None
