@@ -58,6 +58,13 @@ def check_ratio(method: str, ratio: int) -> None:
         raise ConfigError(f"method {method!r} trains at ratio {fixed} only, not {ratio}")
 
 
+def step_threads(given: int | None, cfg: dict, step: str) -> int | None:
+    """--threads, else the config's ``threads.<step>``: on the CPU a run is bit-identical only at
+    the same thread count (reductions are split by thread), so a run started by hand computes
+    what the workflow's job computes (None: torch's default, every core)."""
+    return given or (cfg.get("threads") or {}).get(step)
+
+
 def _set_threads(n: int | None) -> None:
     if n:
         import torch
@@ -113,7 +120,7 @@ def cmd_train(args) -> None:
     out = Path(args.out or run_dir(args.dataset, args.method, args.ratio, args.seed,
                                    cfg.get("runs_dir", RUNS_DIR)))
     slot = gpu.claim_for(device)  # before torch touches CUDA; held until the process exits
-    _set_threads(args.threads)
+    _set_threads(step_threads(args.threads, cfg, "train"))
     from .engine import train
     print(train(run_cfg, out))
     del slot
@@ -258,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", required=True, type=int, metavar="S")
     p.add_argument("--out", metavar="DIR", help="run directory (default: results/runs/D/M/rK/seedS)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: config device or auto)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch (default: the config's threads.train; CPU runs are "
+                        "bit-identical only at the same thread count)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a run's best checkpoint on the test set")

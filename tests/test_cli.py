@@ -149,3 +149,12 @@ def test_evaluate_passes_the_device_and_takes_the_runs_default(monkeypatch, tmp_
     assert calls == [(tmp_path, None), (tmp_path, "cpu")]
     assert json.loads(capsys.readouterr().out.split("\n}\n")[0] + "\n}") == \
         {"pooled": {"dice": 0.5}, "per_image_mean": {"dice": 0.25}}
+
+
+def test_train_threads_default_to_the_config_s():
+    """On the CPU a run is bit-identical only at the same thread count: a run started by hand
+    takes the workflow job's threads.train unless --threads says otherwise."""
+    from semibench.cli import step_threads
+    cfg = {"threads": {"train": 3, "evaluate": 2}}
+    assert step_threads(None, cfg, "train") == 3 and step_threads(5, cfg, "train") == 5
+    assert step_threads(None, {}, "train") is None  # no config: torch's default
