@@ -73,7 +73,7 @@ class CACHparams:
     weight_unsup: float = 0.1  # λ
     temp: float = 0.1  # τ
     pos_thresh: float = 0.75  # γ
-    selected_frac: float = 0.5  # negatives per view / (B·h·w) at 1/8 ([D] A2)
+    selected_frac: float = 0.5  # negatives per view / (B·h·w) at 1/8 (decision A2)
     step_save: int = 1  # the bank keeps step_save + 1 steps
     start_epoch: int | None = None  # None: the engine's unsup_start_epoch (official: 5)
 

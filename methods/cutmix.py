@@ -20,7 +20,7 @@ Defaults from the official BMVC-era code (``Britefury/cutmix-semisup-seg`` @79ec
 aspect ratio and within bounds, teacher α 0.99 on all float state (BN statistics included), no
 warm-up, teacher in train mode.
 
-Decisions ([D] in the spec), each with its reason:
+Decisions (where the paper and the official code leave a choice), each with its reason:
 
 - Two independent batches (the release's two loaders), not one batch split in halves (the
   PixelSSL port): each pair mixes two full-size batches, so the student still sees

@@ -66,7 +66,7 @@ class GCTHparams:
     mu: float = 0.5  # flaw-target scale
     nu: int = 1  # dilate-and-blur rounds of the flaw target
     no_flaw_max: float = 0.1  # a handled flaw map whose max is ≤ this is "no flaw"
-    handler_blur: int = 5  # kernel sizes in pixels, odd (see the docstring's [D])
+    handler_blur: int = 5  # kernel sizes in pixels, odd (decision G4: docs/methods/gct.md)
     target_blur: int = 9
     dilate_blur: int = 17
     fd_channels: int = 64  # width of F's first layer

@@ -21,7 +21,7 @@ consistency 1.0 (script), ramp-up 600 of 800 "epochs" → 0.75 of training, EMA 
 warm-up min(1 − 1/(t+1), α) on parameters only, noise σ = 0.5 grey levels, scale U(0.9, 1.1),
 flip and k uniform.
 
-Decisions ([D] in the spec), each with its reason:
+Decisions (where the paper and the release leave a choice), each with its reason:
 
 - Gradient (B1): the released code wraps the whole unlabeled branch, student included, in
   ``no_grad``, so it never trains on unlabeled data. We implement the described method: the
