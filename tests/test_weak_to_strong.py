@@ -1,4 +1,4 @@
-"""FixMatch and UniMatch: each item of the design note's smallest tests against hand values
+"""FixMatch and UniMatch: the smallest checks of each mechanism against hand values
 (confidence gating, the pasted box, the all-pixel normalisation, the feature-perturbation
 stream, eval-mode mix labels), gradients of the unlabeled terms alone, the defaults, and the
 shared pieces (CutMix boxes, two strong views, the soft Dice)."""
