@@ -677,7 +677,8 @@ class Trainer:
                 dt = time.perf_counter() - t_window
                 means = {k: v / n_window for k, v in window.items()}
                 self._log(log, event="train", epoch=epoch,
-                          iteration=epoch * self.iterations_per_epoch + it + 1, lr=lr, losses=means, img_per_s=n_window * self.images_per_step / max(dt, 1e-9),
+                          iteration=epoch * self.iterations_per_epoch + it + 1, lr=lr, losses=means,
+                          img_per_s=n_window * self.images_per_step / max(dt, 1e-9),
                           images_per_step=self.images_per_step,  # for `semibench status` (no import)
                           peak_mem_mb=peak_memory_mb(self.device))
                 bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}")

@@ -44,7 +44,7 @@ from typing import Mapping
 from .atomic import write_atomic
 from .errors import ConfigError
 from .grid import Run, all_runs, check_schema
-from .layout import RUN_DIR_GLOB
+from .layout import RUN_DIR_GLOB, log_path
 
 SCHEMA = "semibench.status/1"
 HOST_FILE = "train_host.json"  # {"host": ..., "pid": ...} of the last `semibench train` on the run
@@ -298,11 +298,10 @@ def run_status(run: Run, runs_dir: Path, logs_dir: Path, live: Mapping[str, int]
 
 def _failure(run: Run, run_dir: Path, logs_dir: Path, trained: bool) -> dict | None:
     """The error of the run's last job, unless its log predates the run's own newer files."""
-    rel = run.rel_dir() + ".log"
     if trained:  # training succeeded: only evaluation can have failed since
-        log, newer_than = logs_dir / "evaluate" / rel, ("train_done.json",)
+        log, newer_than = log_path("evaluate", *run, logs_dir=logs_dir), ("train_done.json",)
     else:
-        log, newer_than = logs_dir / "train" / rel, ("train.jsonl", "checkpoint.pt")
+        log, newer_than = log_path("train", *run, logs_dir=logs_dir), ("train.jsonl", "checkpoint.pt")
     log_mtime = _mtime(log)
     if log_mtime is None:
         return None
