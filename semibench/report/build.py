@@ -108,10 +108,11 @@ def selection_notes(results: Results, section=None) -> list[str]:
     precedes the unsupervised losses' start: the network they are scored with never saw an
     unlabeled image, so their row measures the labeled stage only."""
     notes = []
-    for (d, m, k, seed), (epoch, start, unlabeled) in sorted(results.selected.items()):
+    for (dataset, method, ratio, seed), (epoch, start, unlabeled) in sorted(results.selected.items()):
         if unlabeled > 0 and epoch < start and (
-                section is None or (d in section.datasets and m in section.methods)):
-            notes.append(f"{display(m)} {d} 1/{k} seed {seed} (epoch {epoch}, start {start})")
+                section is None or (dataset in section.datasets and method in section.methods)):
+            notes.append(f"{display(method)} {dataset} 1/{ratio} seed {seed} "
+                         f"(epoch {epoch}, start {start})")
     return notes
 
 
