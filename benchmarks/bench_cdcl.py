@@ -39,7 +39,7 @@ from semibench.registry import METHODS
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from tests.cdcl_reference import reference_l_contr  # noqa: E402
-from tests.fakes import FakeContext  # noqa: E402
+from semibench.testing import FakeContext  # noqa: E402
 
 
 def _load_bench_train():

@@ -157,8 +157,8 @@ def bench_one(method: str, backbone: str, size: int, device: str, batch_labeled:
         dt = time.perf_counter() - t1
         peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _cpu_peak_mb()
         row = {"method": method, "backbone": backbone, "size": size, "device": str(dev), "variant": variant,
-               "batch": f"{batch_labeled}+{tr.n_unlabeled_batches}x{batch_unlabeled}"
-                        if tr.n_unlabeled_batches > 1 else f"{batch_labeled}+{batch_unlabeled if tr.views is not None else 0}",
+               "batch": f"{batch_labeled}+{tr.batches.n_unlabeled_batches}x{batch_unlabeled}"
+                        if tr.batches.n_unlabeled_batches > 1 else f"{batch_labeled}+{batch_unlabeled if tr.batches.views is not None else 0}",
                "images_per_step": tr.images_per_step, "steps": steps,
                "step_ms": 1000 * dt / steps, "img_per_s": tr.images_per_step * steps / dt, "peak_mem_mb": peak,
                "build_s": build_s, "warmup_s": warmup_s, "warmup_steps": warmup,

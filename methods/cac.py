@@ -128,7 +128,6 @@ def masked_mean(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @register_method("cac")
 class CAC(Method):
-    name: ClassVar[str] = "cac"
     display_name = "CAC"
     report_rank = 70
     in_paper = True
@@ -138,8 +137,7 @@ class CAC(Method):
     view_options: ClassVar[dict] = {"stride": STRIDE, "iou": (0.1, 1.0)}
 
     def __init__(self, ctx: MethodContext, hp: CACHparams | None = None):
-        super().__init__()
-        self.hp = hp if hp is not None else CACHparams()
+        super().__init__(hp)
         self.student = ctx.build_segmenter()
         ctx.add_optimizer(self.student.parameters())
         self.bank: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=self.hp.step_save + 1)
@@ -172,9 +170,6 @@ class CAC(Method):
         if not active:
             return {"loss": L_s, "L_s": L_s.detach()}
         u = batch.unlabeled
-        missing = {"crop1", "crop2", "box1", "box2", "flip1", "flip2"} - set(u)
-        if missing:
-            raise TrainingError(f"cac needs the 'two_crops' views; the batch lacks {', '.join(sorted(missing))}")
         z1, k1, y1 = self._view(u["crop1"], u["flip1"])
         z2, k2, y2 = self._view(u["crop2"], u["flip2"])
         n1, l1 = self._negatives(z1, y1)

@@ -137,7 +137,6 @@ def eval_mode(module: nn.Module):
 
 @register_method("cct")
 class CCT(Method):
-    name: ClassVar[str] = "cct"
     display_name = "CCT"
     report_rank = 60
     in_paper = True
@@ -146,8 +145,7 @@ class CCT(Method):
     unlabeled_views: ClassVar[str | None] = "single"
 
     def __init__(self, ctx: MethodContext, hp: CCTHparams | None = None):
-        super().__init__()
-        self.hp = hp if hp is not None else self.Hparams()
+        super().__init__(hp)
         self.student = ctx.build_segmenter()
         classifier = getattr(self.student, "classifier", None)
         if not isinstance(classifier, nn.Module):

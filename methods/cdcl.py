@@ -45,7 +45,7 @@ from typing import ClassVar
 
 import torch
 
-from semibench.errors import ConfigError, TrainingError
+from semibench.errors import ConfigError
 from semibench.losses import cross_entropy
 from semibench.method import Batch, Method, MethodContext, StepInfo
 from semibench.registry import register_method
@@ -103,7 +103,6 @@ SCHEMES: dict[str, Scheme] = {
 
 
 class CDCL(Method):
-    name: ClassVar[str] = "cdcl"
     display_name = "CDCL"
     report_rank = 90
     in_paper = True
@@ -113,8 +112,7 @@ class CDCL(Method):
     scheme: ClassVar[Scheme] = SCHEMES["cdcl"]
 
     def __init__(self, ctx: MethodContext, hp: CDCLHparams | None = None):
-        super().__init__()
-        self.hp = hp if hp is not None else CDCLHparams()
+        super().__init__(hp)
         self.student = ctx.build_segmenter()
         self.teacher = ctx.ema_of(self.student)
         ctx.add_optimizer(self.student.parameters())
@@ -123,16 +121,11 @@ class CDCL(Method):
 
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
         hp, sc = self.hp, self.scheme
-        self.teacher.train(False)  # a teacher predicts as at test time, whatever its parent's mode
         out_l = self.student(batch.labeled_image, project=False)
         L_sup = cross_entropy(out_l.logits, batch.labeled_mask)
         zero = L_sup.new_zeros(())
         L_contr = L_cons = L_ent = zero
         if step.unsup_active and (sc.contr or sc.cons or sc.ent):
-            missing = {"weak", "strong"} - set(batch.unlabeled)
-            if missing:
-                raise TrainingError(f"{self.name} needs 'weak' and 'strong' unlabeled views; the batch "
-                                    f"lacks {', '.join(sorted(missing))}")
             out_s = self.student(batch.unlabeled["strong"], project=sc.contr)
             with torch.no_grad():
                 out_t = self.teacher(batch.unlabeled["weak"], project=sc.contr)

@@ -85,7 +85,6 @@ def cutmix_loss(logits_s: torch.Tensor, p_t: torch.Tensor, c: torch.Tensor) -> t
 
 @register_method("cutmix")
 class CutMix(Method):
-    name: ClassVar[str] = "cutmix"
     display_name = "CutMix"
     report_rank = 40
     in_paper = True
@@ -95,8 +94,8 @@ class CutMix(Method):
     unlabeled_batches: ClassVar[int] = 2  # x_a and x_b, drawn independently
 
     def __init__(self, ctx: MethodContext, hp: CutMixHparams | None = None):
-        super().__init__()
-        self.hp = hp = hp if hp is not None else self.Hparams()
+        super().__init__(hp)
+        hp = self.hp
         self.student = ctx.build_segmenter()
         self.teacher = ema_teacher_from_hparams(ctx, self.student, hp)
         ctx.add_optimizer(self.student.parameters())

@@ -72,7 +72,6 @@ class FixMatchHparams(WeakToStrongHparams):
 
 @register_method("fixmatch")
 class FixMatch(Method):
-    name: ClassVar[str] = "fixmatch"
     display_name = "FixMatch"
     report_rank = 100
     in_paper = False
@@ -82,8 +81,7 @@ class FixMatch(Method):
     unlabeled_batches: ClassVar[int] = 2  # u and the mix batch
 
     def __init__(self, ctx: MethodContext, hp: FixMatchHparams | None = None):
-        super().__init__()
-        self.hp = hp if hp is not None else self.Hparams()
+        super().__init__(hp)
         self.student = ctx.build_segmenter()
         ctx.add_optimizer(self.student.parameters())
 

@@ -10,7 +10,6 @@ from semibench.registry import register_method
 
 @register_method("fullsup")
 class FullSup(SupOnly):
-    name: ClassVar[str] = "fullsup"
     display_name = "FullSup"
     report_rank = 1000
     in_paper = True

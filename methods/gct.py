@@ -183,7 +183,6 @@ def flaw_target(prob: torch.Tensor, mask: torch.Tensor, hp: GCTHparams) -> torch
 
 @register_method("gct")
 class GCT(Method):
-    name: ClassVar[str] = "gct"
     display_name = "GCT"
     report_rank = 50
     in_paper = True
@@ -192,8 +191,7 @@ class GCT(Method):
     unlabeled_views: ClassVar[str | None] = "single"  # one view, shared by both task models
 
     def __init__(self, ctx: MethodContext, hp: GCTHparams | None = None):
-        super().__init__()
-        self.hp = hp if hp is not None else GCTHparams()
+        super().__init__(hp)
         self.task_l = ctx.build_segmenter()
         self.task_r = ctx.build_segmenter()
         num_classes = self.task_l.classifier.conv2.out_channels

@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from semibench.errors import ConfigError, TrainingError
+from semibench.errors import ConfigError
 from semibench.losses import softmax_mse, supervised_loss
 from semibench.method import Batch, Method, MethodContext, StepInfo
 from semibench.registry import register_method
@@ -40,7 +40,6 @@ class MeanTeacherHparams:
 
 @register_method("meanteacher")
 class MeanTeacher(Method):
-    name: ClassVar[str] = "meanteacher"
     display_name = "MeanTeacher"
     report_rank = 20
     in_paper = True
@@ -49,8 +48,7 @@ class MeanTeacher(Method):
     unlabeled_views: ClassVar[str | None] = "weak_strong"
 
     def __init__(self, ctx: MethodContext, hp: MeanTeacherHparams | None = None):
-        super().__init__()
-        self.hp = hp if hp is not None else self.Hparams()
+        super().__init__(hp)
         self.student = ctx.build_segmenter()
         self.teacher = ctx.ema_of(self.student)
         ctx.add_optimizer(self.student.parameters())
@@ -62,12 +60,7 @@ class MeanTeacher(Method):
         L_sup = supervised_loss(self.student, batch)
         if not step.unsup_active:
             return {"loss": L_sup, "L_sup": L_sup.detach()}
-        missing = {"weak", "strong"} - set(batch.unlabeled)
-        if missing:
-            raise TrainingError(f"meanteacher needs 'weak' and 'strong' unlabeled views; the batch "
-                                f"lacks {', '.join(sorted(missing))}")
         logits_s = self.student(batch.unlabeled["strong"], project=False).logits
-        self.teacher.train(False)  # no dropout, running BN statistics, whatever the parent's mode
         with torch.no_grad():
             logits_t = self.teacher(batch.unlabeled["weak"], project=False).logits
         L_cons = softmax_mse(logits_s, logits_t)

@@ -19,7 +19,6 @@ class SupOnlyHparams:
 
 @register_method("suponly")
 class SupOnly(Method):
-    name: ClassVar[str] = "suponly"
     display_name = "SupOnly"
     report_rank = 10
     in_paper = True
@@ -28,8 +27,7 @@ class SupOnly(Method):
     unlabeled_views: ClassVar[str | None] = None  # labeled data only
 
     def __init__(self, ctx: MethodContext, hp: SupOnlyHparams | None = None):
-        super().__init__()
-        self.hp = hp if hp is not None else self.Hparams()
+        super().__init__(hp)
         self.student = ctx.build_segmenter()
         ctx.add_optimizer(self.student.parameters())
 

@@ -168,7 +168,6 @@ def invert_transform(z: torch.Tensor, tf: Transform) -> tuple[torch.Tensor, torc
 
 @register_method("tcsmv2")
 class TCSMv2(Method):
-    name: ClassVar[str] = "tcsmv2"
     display_name = "TCSMv2"
     report_rank = 30
     in_paper = True
@@ -177,8 +176,8 @@ class TCSMv2(Method):
     unlabeled_views: ClassVar[str | None] = "single"  # one crop: clean for S, T(· + ξ) for the teacher
 
     def __init__(self, ctx: MethodContext, hp: TCSMv2Hparams | None = None):
-        super().__init__()
-        self.hp = hp = hp if hp is not None else self.Hparams()
+        super().__init__(hp)
+        hp = self.hp
         self.student = ctx.build_segmenter()
         self.teacher = ema_teacher_from_hparams(ctx, self.student, hp)
         ctx.add_optimizer(self.student.parameters())

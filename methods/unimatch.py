@@ -82,7 +82,6 @@ class UniMatchHparams(WeakToStrongHparams):
 
 @register_method("unimatch")
 class UniMatch(Method):
-    name: ClassVar[str] = "unimatch"
     display_name = "UniMatch"
     report_rank = 110
     in_paper = False
@@ -93,8 +92,7 @@ class UniMatch(Method):
     unlabeled_batches: ClassVar[int] = 2  # u and the mix batch
 
     def __init__(self, ctx: MethodContext, hp: UniMatchHparams | None = None):
-        super().__init__()
-        self.hp = hp if hp is not None else self.Hparams()
+        super().__init__(hp)
         self.student = ctx.build_segmenter()
         ctx.add_optimizer(self.student.parameters())
 

@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -124,6 +125,16 @@ def cmd_train(args) -> None:
     from .engine import train
     print(train(run_cfg, out))
     del slot
+
+
+def cmd_check_method(args) -> None:
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the stage lines are the progress
+    from .checkmethod import check_method
+
+    _set_threads(args.threads)
+    t0 = time.perf_counter()
+    check_method(args.name, Path(args.keep) if args.keep else None)
+    print(f"check-method {args.name}: passed ({time.perf_counter() - t0:.1f} s)")
 
 
 def cmd_evaluate(args) -> None:
@@ -269,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch (default: the config's threads.train; CPU runs are "
                         "bit-identical only at the same thread count)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("check-method", help="run a method (built-in or plugin) through the engine on "
+                       "toy data: contract, build, two epochs, a resume, an evaluation")
+    p.add_argument("name", metavar="NAME", help="a registered method name (semibench methods)")
+    p.add_argument("--keep", metavar="DIR", help="work in DIR and keep its runs (default: a temporary directory)")
+    p.add_argument("--threads", type=int, default=1, metavar="N", help="CPU threads for torch (default 1)")
+    p.set_defaults(func=cmd_check_method)
 
     p = sub.add_parser("evaluate", help="evaluate a run's best checkpoint on the test set")
     p.add_argument("--run", required=True, metavar="DIR", help="the run directory")

@@ -33,8 +33,9 @@ How the planned methods fit:
   ``view_options`` passes keyword options to the view kind (CAC: ``{"stride": 8, "iou": (0.1,
   1.0)}``: crop offsets and overlap boxes on the projector's 1/8 grid). Geometric
   transforms that must be inverted (TCSMv2) are applied by the method on tensors. The engine
-  checks ``unlabeled_views`` and ``unlabeled_batches`` once, when it builds the method
-  (:func:`check_method_class`).
+  checks ``unlabeled_views``, ``view_options`` and ``unlabeled_batches`` once, when it builds
+  the method (:mod:`semibench.contract`), and the batch holds exactly the kind's views, so a
+  method does not check them.
 - shared loss pieces (cross-entropy, softmax-MSE, invertible flip/rot90, CutMix boxes and
   pasting, weak-view pseudo-labels and confident-pixel losses) live in :mod:`semibench.losses`;
   a method imports them rather than writing its own copy.
@@ -65,7 +66,7 @@ How the planned methods fit:
   also logs (``val_dice/<name>`` in the ``"epoch"`` lines of ``train.jsonl``); model selection
   and ``best.pt`` stay with ``inference_model()``.
 
-Update steps (the engine's ``Trainer._update``). ``ctx.add_optimizer(params, name="main",
+Update steps (:class:`semibench.update.Update`). ``ctx.add_optimizer(params, name="main",
 **adam_options)`` registers a named Adam (default lr: the run's ``train.lr``; a method may pass
 its own ``lr``, ``betas``, ...). Every optimiser is poly-scheduled from its own initial lr and
 checkpointed under its name; a method never zeroes, steps or schedules one itself, and an
@@ -166,10 +167,13 @@ class MethodContext:
 
 
 class Method(nn.Module):
-    """Base class. Subclasses set ``name``, ``Hparams`` and ``unlabeled_views`` and implement
-    ``__init__(ctx, hp)`` and ``training_step``."""
+    """Base class. Subclasses set ``Hparams`` and ``unlabeled_views``, implement
+    ``__init__(ctx, hp)`` (calling ``super().__init__(hp)``) and ``training_step``, and are
+    registered with ``@register_method("name")``, which also sets ``name``. The engine checks
+    the contract once, when it builds the method (:mod:`semibench.contract`); ``semibench
+    check-method NAME`` runs a method through a few steps, a resume and an evaluation."""
 
-    name: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # set by register_method
     Hparams: ClassVar[type] = type(None)
     unlabeled_views: ClassVar[str | None] = "weak_strong"  # None: labeled data only
     view_options: ClassVar[dict] = {}  # keyword options of the view kind, e.g. two_crops' stride
@@ -185,6 +189,14 @@ class Method(nn.Module):
     report_rank: ClassVar[int] = 89
     in_paper: ClassVar[bool] = False
     colour: ClassVar[str | None] = None
+
+    def __init__(self, hp: Any = None):
+        """``self.hp``: the engine's resolved hyperparameters, or the dataclass defaults when a
+        test builds the method without them (None for a method without ``Hparams``)."""
+        super().__init__()
+        if hp is None and dataclasses.is_dataclass(self.Hparams):
+            hp = self.Hparams()
+        self.hp = hp
 
     def training_step(self, batch: Batch, step: StepInfo) -> dict[str, torch.Tensor]:
         """Return named losses; ``"loss"`` is the total that the engine back-propagates."""

@@ -154,7 +154,7 @@ class DenseUNet(nn.Module):
         if backbone not in BACKBONES:
             raise ConfigError(f"unknown backbone {backbone!r}; known: {', '.join(sorted(BACKBONES))}")
         growth, blocks, init, _ = BACKBONES[backbone]
-        self.backbone = backbone
+        self.backbone, self.num_classes = backbone, num_classes
         self.encoder = DenseNetEncoder(growth, blocks, init)
         c_relu0, c_db1, c_db2, c_db3, c_bottom = self.encoder.channels
         # Decoder widths: denseblock2's and denseblock1's channel counts, then 256; for

@@ -96,8 +96,10 @@ def scan_source(source: str, decorator: str, attrs: tuple[str, ...]) -> tuple[di
 
 class Registry(Generic[T]):
     def __init__(self, kind: str, package: str, group: str,
-                 static_attrs: dict | tuple[str, ...] | None = None):
+                 static_attrs: dict | tuple[str, ...] | None = None, name_attr: str | None = None):
         self.kind, self.package, self.group = kind, package, group
+        # a class attribute set to the registered name, so a class says its name once
+        self.name_attr = name_attr
         # attribute -> the base class's default (a tuple of names: all default None)
         self.static_attrs = dict(static_attrs) if isinstance(static_attrs, dict) else \
             dict.fromkeys(static_attrs or ())
@@ -115,9 +117,19 @@ class Registry(Generic[T]):
         def decorator(obj: T) -> T:
             if name in self._items and self._items[name] is not obj:
                 raise ConfigError(f"{self.kind} {name!r} is registered twice")
-            self._items[name] = obj
+            self._add(name, obj)
             return obj
         return decorator
+
+    def _add(self, name: str, obj: T) -> None:
+        if self.name_attr and isinstance(obj, type):
+            own = vars(obj).get(self.name_attr)
+            if own not in (None, "", name):
+                raise ConfigError(f"{self.kind} class {obj.__qualname__} says {self.name_attr} = "
+                                  f"{own!r} but is registered as {name!r}; leave {self.name_attr} out "
+                                  f"(the registry sets it)")
+            setattr(obj, self.name_attr, name)
+        self._items[name] = obj
 
     @contextmanager
     def temporarily(self, items: dict[str, T]) -> Iterator[None]:
@@ -129,7 +141,8 @@ class Registry(Generic[T]):
         if clash:
             raise ConfigError(f"{self.kind} {', '.join(sorted(clash))} already registered")
         added = [n for n in items if n not in self._items]
-        self._items.update(items)
+        for n, obj in items.items():
+            self._add(n, obj)
         try:
             yield
         finally:
@@ -181,9 +194,14 @@ class Registry(Generic[T]):
             return
         if module == "entry point":
             ep = self._entry_points[name]
-            obj = ep.load()  # a module registers on import; a class/function is registered by name
+            try:  # a module registers on import; a class/function is registered by name
+                obj = ep.load()
+            except Exception as e:
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise ConfigError(f"{self.kind} {name!r}: its plugin {ep.value!r} (entry point group "
+                                  f"{self.group!r}) failed to import: {type(e).__name__}: {first}") from None
             if name not in self._items and not isinstance(obj, type(importlib)):
-                self._items[name] = obj
+                self._add(name, obj)
             return
         importlib.import_module(module)
         listed = {n for n, m in self.catalog().items() if m == module}
@@ -235,7 +253,7 @@ class Registry(Generic[T]):
 METHOD_STATIC_ATTRS = {"fixed_ratio": None, "display_name": None, "report_rank": 89,
                        "in_paper": False, "colour": None}
 METHODS: Registry = Registry("method", "semibench.methods", "semibench.methods",
-                             static_attrs=METHOD_STATIC_ATTRS)
+                             static_attrs=METHOD_STATIC_ATTRS, name_attr="name")
 DATASETS: Registry = Registry("dataset", "semibench.datasets", "semibench.datasets")
 register_method = METHODS.register
 register_dataset = DATASETS.register

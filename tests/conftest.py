@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from semibench.registry import METHODS
-from tests.toy import LOCAL_METHODS, TWO_OPTIMISER_METHODS, write_toy_dataset
+from semibench.testing import write_toy_dataset
+from tests.toy import LOCAL_METHODS, TWO_OPTIMISER_METHODS
 
 
 @pytest.fixture

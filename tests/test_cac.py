@@ -12,7 +12,8 @@ from semibench.augment import AugmentConfig, make_views, undo_flips
 from semibench.engine import Trainer, train
 from semibench.method import StepInfo, batch_statistics_only
 from semibench.methods.cac import directional_masks, directional_nce, overlap
-from tests.toy import toy_config, Killed, load_state, assert_same_runs
+from semibench.testing import toy_config
+from tests.toy import Killed, load_state, assert_same_runs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,7 +132,7 @@ def test_unsupervised_terms_wait_for_the_start_epoch(toy_root, tmp_path):  # noq
     tr = Trainer(toy_config(toy_root, "cac", unsup_start_epoch=1), tmp_path)
     assert set(tr.train_step(0, 0)) == {"loss", "L_s"} and len(tr.method.bank) == 0
     info = StepInfo(epoch=1, epochs=3, iteration=3, iterations=tr.total, unsup_active=True)
-    losses = tr.method.training_step(tr.make_batch(1, 0), info)
+    losses = tr.method.training_step(tr.batches.batch(1, 0), info)
     assert {"L1", "L2"} <= set(losses) and len(tr.method.bank) == 1
 
 

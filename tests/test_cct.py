@@ -14,8 +14,7 @@ from semibench.method import Batch, StepInfo, make_hparams
 from semibench.methods import _cct_perturbations as P
 from semibench.model import Classifier, build_model
 from semibench.registry import METHODS
-from tests.fakes import FakeContext
-from tests.toy import toy_config
+from semibench.testing import FakeContext, toy_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -304,7 +303,7 @@ def test_l2_normalise_survives_tiny_gradients():
 def test_training_step_through_the_engine(toy_root, tmp_path):
     cfg = toy_config(toy_root, "cct", ratio=2, unsup_start_epoch=0, method_params=ONE_EACH)
     tr = Trainer(cfg, tmp_path)
-    assert tr.views == "single"
+    assert tr.batches.views == "single"
     method = tr.method
     aux0 = [p.detach().clone() for p in method.aux_heads.parameters()]
     stu0 = {k: v.detach().clone() for k, v in method.student.state_dict().items()}

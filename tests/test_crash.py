@@ -9,7 +9,8 @@ import torch
 
 from semibench.engine import Trainer, train
 from semibench.errors import TrainingError
-from tests.toy import toy_config, Killed, load_state, assert_same_runs
+from semibench.testing import toy_config
+from tests.toy import Killed, load_state, assert_same_runs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

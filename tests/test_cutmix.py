@@ -13,8 +13,8 @@ from semibench.method import Batch, StepInfo, make_hparams
 from semibench.methods.cutmix import CutMixHparams, confidence, cutmix_loss
 from semibench.model import build_model
 from semibench.registry import METHODS
-from tests.fakes import FakeContext
-from tests.toy import toy_config, LinearSeg
+from semibench.testing import FakeContext, toy_config
+from tests.toy import LinearSeg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -145,17 +145,17 @@ def test_engine_draws_two_independent_reproducible_batches(toy_root, tmp_path): 
     cfg = toy_config(toy_root, "cutmix", ratio=2, batch_unlabeled=2)
     tr = Trainer(cfg, tmp_path)
     assert tr.images_per_step == 2 + 2 * 2  # labeled + both unlabeled batches (img/s counts them)
-    a, b = tr.make_batch(1, 0), tr.make_batch(1, 0)
+    a, b = tr.batches.batch(1, 0), tr.batches.batch(1, 0)
     assert len(a.more_unlabeled) == 1 and a.more_unlabeled[0]["image"].shape == a.unlabeled["image"].shape
     assert a.more_unlabeled[0]["image"].equal(b.more_unlabeled[0]["image"])  # a function of the step
     assert not a.more_unlabeled[0]["image"].equal(a.unlabeled["image"])
     # each batch has its own stream: a shuffle of the unlabeled set per epoch, different orders
     n_u = len(tr.data.unlabeled)
-    first = [tr.schedule.unlabeled(0, i) for i in range(tr.iterations_per_epoch)]
-    second = [tr.more_schedules[0].unlabeled(0, i) for i in range(tr.iterations_per_epoch)]
+    first = [tr.batches.schedule.unlabeled(0, i) for i in range(tr.iterations_per_epoch)]
+    second = [tr.batches.more_schedules[0].unlabeled(0, i) for i in range(tr.iterations_per_epoch)]
     assert sorted(torch.cat(second)[:n_u].tolist()) == list(range(n_u))
     assert torch.cat(first).tolist() != torch.cat(second).tolist()
     # batch 0 is what a one-batch method gets at the same step (unchanged streams)
     mt = Trainer(toy_config(toy_root, "meanteacher", ratio=2, batch_unlabeled=2), tmp_path / "mt")
-    assert mt.schedule.unlabeled(1, 0).equal(tr.schedule.unlabeled(1, 0))
-    assert mt.images_per_step == 2 + 2 and mt.make_batch(1, 0).more_unlabeled == []
+    assert mt.batches.schedule.unlabeled(1, 0).equal(tr.batches.schedule.unlabeled(1, 0))
+    assert mt.images_per_step == 2 + 2 and mt.batches.batch(1, 0).more_unlabeled == []

@@ -9,11 +9,14 @@ import torch
 
 from semibench.config import RunConfig
 from semibench.device import resolve_device
-from semibench.engine import Trainer, config_differences, train, weights_note
+from semibench.context import weights_note
+from semibench.engine import Trainer, train
+from semibench.rundir import config_differences
 from semibench.errors import ConfigError, TrainingError
 from semibench.registry import METHODS
 from semibench.schedules import poly_lr
-from tests.toy import LocalMeanTeacher, toy_config
+from semibench.testing import toy_config
+from tests.toy import LocalMeanTeacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,7 +82,7 @@ def test_poly_lr_applied_to_every_optimiser(toy_root, tmp_path, local_methods):
     tr = Trainer(toy_config(toy_root, "_test_mt", lr=2e-3), tmp_path)
     assert tr.iterations_per_epoch == 3 and tr.total == 9  # 6 unlabeled / batch 2, 3 epochs
     for it in (0, 4, 8):
-        lr = tr.set_lr(it)
+        lr = tr.update.set_lr(it)
         assert lr == poly_lr(2e-3, it, 9, 0.9)
         assert all(g["lr"] == lr for o in tr.ctx.optimizers for g in o.param_groups)
 
@@ -100,15 +103,15 @@ def test_train_augment_config_reaches_the_labeled_pipeline(toy_root, tmp_path, l
     # every transform switched off through the run config: a labeled batch is the normalised images
     off = {"hflip_p": 0, "vflip_p": 0, "crop_scale": [1, 1], "rotation_deg": 0, "labeled_photometric": False}
     tr = Trainer(toy_config(toy_root, "_test_sup", ratio=4, augment=off), tmp_path)
-    assert tr.aug.rotation_deg == 0.0 and tr.aug.crop_scale == (1.0, 1.0) and not tr.aug.labeled_photometric
+    assert tr.batches.aug.rotation_deg == 0.0 and tr.batches.aug.crop_scale == (1.0, 1.0) and not tr.batches.aug.labeled_photometric
     from semibench.augment import augment_labeled, normalise, to_float
     lab = tr.data.labeled
-    x, y = augment_labeled(lab.images, lab.masks, torch.Generator().manual_seed(0), tr.aug)
+    x, y = augment_labeled(lab.images, lab.masks, torch.Generator().manual_seed(0), tr.batches.aug)
     torch.testing.assert_close(x, normalise(to_float(lab.images)), atol=1e-5, rtol=0)
     assert torch.equal(y, lab.masks.long())
     # the defaults do change the batch, and a bad value fails before any data is read
     x_default, _ = augment_labeled(lab.images, lab.masks, torch.Generator().manual_seed(0),
-                                   Trainer(toy_config(toy_root, "_test_sup", ratio=4), tmp_path).aug)
+                                   Trainer(toy_config(toy_root, "_test_sup", ratio=4), tmp_path).batches.aug)
     assert not torch.allclose(x_default, x, atol=1e-3)
     with pytest.raises(ConfigError, match="train.augment.grey_p must be at most 1"):
         Trainer(toy_config(toy_root, "_test_sup", ratio=4, augment={"grey_p": 2}), tmp_path)
@@ -247,8 +250,8 @@ def test_the_unlabeled_stream_is_exactly_the_train_images_without_labels(method,
     prepared = PreparedDataset(toy_root / "data" / "prepared" / "toy")
     for sid, image in zip(tr.data.unlabeled.ids, tr.data.unlabeled.images):  # the pixels, not just the ids
         assert torch.equal(image, resize_image_uint8(prepared.load(sid).image, 64))
-    schedules = [tr.schedule, *tr.more_schedules]
+    schedules = [tr.batches.schedule, *tr.batches.more_schedules]
     for schedule in schedules:
         shown = torch.cat([schedule.unlabeled(0, it) for it in range(tr.iterations_per_epoch)])
         assert set(shown.tolist()) == set(range(len(expected)))  # all of them, nothing else
-    assert len(schedules) == tr.n_unlabeled_batches
+    assert len(schedules) == tr.batches.n_unlabeled_batches

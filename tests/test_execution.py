@@ -18,13 +18,15 @@ import semibench.engine as engine
 import semibench.execution as execution
 from semibench.config import RunConfig, TrainConfig
 from semibench.data import SampleCache, derive_seed, preprocess
+from semibench.batches import BatchSource
 from semibench.engine import STREAM_EPOCH, Trainer, determinism, seed_everything, train
 from semibench.errors import ConfigError, TrainingError
 from semibench.execution import Execution, LossQueue, prepare_networks, resolve_execution
 from semibench.grid import check_schema
 from semibench.method import StepInfo
 from semibench.metrics import confusion, per_image_mean
-from tests.toy import toy_config, Killed, load_state, assert_same_runs
+from semibench.testing import toy_config
+from tests.toy import Killed, load_state, assert_same_runs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,7 +152,7 @@ def test_metadata_records_the_execution_of_each_process(toy_root, tmp_path, loca
 
 def _reference_run(cfg, tmp_path):
     """Main's training loop before the execution options, written out plainly: the losses read
-    (and checked) every step, backward and steps as ``Trainer._update`` documents them, the
+    (and checked) every step, backward and steps as ``semibench.update.Update.apply`` documents them, the
     per-tensor EMA formula, and validation predicting one sample at a time on the CPU."""
     with determinism(True, torch.device("cpu")):
         tr = Trainer(cfg, tmp_path / "reference")
@@ -161,8 +163,8 @@ def _reference_run(cfg, tmp_path):
             tr.method.train()
             for it in range(tr.iterations_per_epoch):
                 iteration = epoch * tr.iterations_per_epoch + it
-                tr.set_lr(iteration)
-                batch = tr.make_batch(epoch, it)
+                tr.update.set_lr(iteration)
+                batch = tr.batches.batch(epoch, it)
                 info = StepInfo(epoch, t.epochs, iteration, tr.total, epoch >= t.unsup_start_epoch,
                                 t.unsup_start_epoch * tr.iterations_per_epoch)
                 losses = tr.method.training_step(batch, info)
@@ -299,14 +301,15 @@ def test_loss_queue_reads_in_step_order_and_names_the_first_bad_step():
 def test_a_failure_after_a_nan_step_reports_the_nan(toy_root, tmp_path, local_methods, monkeypatch):  # noqa: F811
     # step 4's loss is NaN; step 5 then fails (as a method might on NaN weights): the run names
     # the NaN, and nothing after the last good epoch was written
-    make_batch = Trainer.make_batch
+    draw = BatchSource.batch
+    iterations_per_epoch = 3  # 6 unlabeled samples / batches of 2
 
     def failing(self, epoch, it):
-        if epoch * self.iterations_per_epoch + it == 5:
+        if epoch * iterations_per_epoch + it == 5:
             raise RuntimeError("a kernel choked on NaN weights")
-        return make_batch(self, epoch, it)
+        return draw(self, epoch, it)
 
-    monkeypatch.setattr(Trainer, "make_batch", failing)
+    monkeypatch.setattr(BatchSource, "batch", failing)
     out = tmp_path / "run"
     cfg = toy_config(toy_root, "_test_mt", unsup_start_epoch=0, method_params={"nan_at": 4})
     with pytest.raises(TrainingError, match=r"non-finite loss 'loss_cons' = nan at step 4 \(epoch 1, iteration 1 "
@@ -362,7 +365,7 @@ def test_channels_last_and_bf16_autocast_mechanisms(toy_root, tmp_path, local_me
 
 
 def test_fused_adam_is_registered_unless_the_method_says_otherwise(toy_root, tmp_path):  # noqa: F811
-    from semibench.engine import EngineContext
+    from semibench.context import EngineContext
     ctx = EngineContext(toy_config(toy_root, "suponly"), torch.device("cpu"), fused_adam=True)
     net = torch.nn.Linear(2, 2)
     assert ctx.add_optimizer(net.parameters(), name="a").defaults["fused"] is True

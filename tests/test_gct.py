@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from semibench.methods.gct import GCTHparams, dc_targets, flaw_target, handle_flawmap
 from semibench.engine import Trainer, train
 from semibench.method import StepInfo
-from tests.toy import toy_config
+from semibench.testing import toy_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,7 +78,7 @@ def trainer(toy_root, tmp_path):  # noqa: F811
 
 def _losses(tr):
     info = StepInfo(epoch=0, epochs=3, iteration=0, iterations=tr.total, unsup_active=True)
-    return tr.method.training_step(tr.make_batch(0, 0), info)
+    return tr.method.training_step(tr.batches.batch(0, 0), info)
 
 
 def test_phase_1_moves_only_its_task_model_and_phase_2_only_the_flaw_detector(trainer):
@@ -87,7 +87,7 @@ def test_phase_1_moves_only_its_task_model_and_phase_2_only_the_flaw_detector(tr
     for phase in ("task_l", "task_r", "flaw"):
         before = {k: _params(n) for k, n in nets.items()}
         losses = _losses(trainer)
-        trainer._update(None, [(phase, losses[f"loss/{phase}"])])
+        trainer.update.apply(None, [(phase, losses[f"loss/{phase}"])])
         for k, net in nets.items():
             changed = _changed(before[k], net)
             if k == phase:
@@ -101,7 +101,7 @@ def test_phase_1_moves_only_its_task_model_and_phase_2_only_the_flaw_detector(tr
 
 def test_fc_loss_reaches_the_task_model_through_the_frozen_flaw_detector(trainer):
     m = trainer.method
-    x = trainer.make_batch(0, 0).labeled_image
+    x = trainer.batches.batch(0, 0).labeled_image
     p = m.task_l(x, project=False).logits.float().softmax(1)
     L_fc = (torch.ones(1) * m.flaw_detector(x, p) ** 2).mean()  # fc_mask = 1 everywhere
     L_fc.backward(inputs=[q for q in m.task_l.parameters()])  # what the engine does for task_l

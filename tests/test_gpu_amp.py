@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from semibench.engine import Trainer
-from tests.toy import toy_config
+from semibench.testing import toy_config
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -28,7 +28,7 @@ def _cuda_trainer(root, tmp_path, method, precision="fp16", **kw):
     cfg.device = "cuda"
     tr = Trainer(cfg, tmp_path)
     assert tr.amp and tr.execution.precision == precision
-    assert tr.scaler.is_enabled() == (precision == "fp16")  # bf16 needs no loss scaling
+    assert tr.update.scaler.is_enabled() == (precision == "fp16")  # bf16 needs no loss scaling
     assert all(o.defaults.get("fused") for o in tr.ctx.optimizers)
     return tr
 

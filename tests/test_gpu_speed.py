@@ -14,7 +14,7 @@ from semibench.data import SampleCache
 from semibench.engine import Trainer, seed_everything, train
 from semibench.errors import TrainingError
 from semibench.model import build_model
-from tests.toy import toy_config
+from semibench.testing import toy_config
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -20,7 +20,7 @@ from semibench.errors import ConfigError, TrainingError
 from semibench.method import resolved_hparams
 from semibench.methods.meanteacher import MeanTeacherHparams
 from semibench.registry import METHODS
-from tests.toy import toy_config
+from semibench.testing import toy_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

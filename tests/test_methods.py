@@ -2,14 +2,13 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
-from semibench.errors import ConfigError, TrainingError
+from semibench.errors import ConfigError
 from semibench.method import Batch, StepInfo, make_hparams
-from semibench.model import SegOutput, build_model
+from semibench.model import build_model
 from semibench.registry import METHODS
-from tests.fakes import FakeContext
-from tests.toy import toy_config, LinearSeg
+from semibench.testing import FakeContext
+from tests.toy import LinearSeg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -166,147 +165,3 @@ def test_meanteacher_teacher_predicts_without_dropout():
     assert False in modes  # teacher: eval mode, dropout off
     assert ("s", True) in modes  # student: train mode, dropout on
     assert not any(m.training for m in method.teacher.modules())
-
-
-def test_meanteacher_missing_views():
-    method, _ = make("meanteacher", LinearSeg)
-    batch = Batch(pixel(1.0), torch.tensor([[[1]]]), {"image": pixel(1.0)})
-    with pytest.raises(TrainingError, match="weak"):
-        method.training_step(batch, ACTIVE)
-
-
-# ---------------------------------------------------------------------------- engine mechanisms
-
-from semibench.ema import TeacherSettings, ema_update, make_teacher  # noqa: E402
-from semibench.method import check_method_class  # noqa: E402
-from semibench.augment import VIEW_KINDS  # noqa: E402
-
-
-class BNNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 2, 1)
-        self.bn = nn.BatchNorm2d(2)
-        self.drop = nn.Dropout(0.5)
-
-    def forward(self, x, project=True):
-        return SegOutput(x, self.drop(self.bn(self.conv(x))), None)
-
-
-def test_teacher_settings_alpha_warmup_by_hand():
-    s = TeacherSettings(alpha=0.99, warmup=True, average_buffers=False, mode="train")
-    # min(1 − 1/(t+1), α): t = 0 -> 0 (a copy), 1 -> 1/2, 9 -> 0.9, 99 -> 0.99, then α
-    assert [s.alpha_at(t) for t in (0, 1, 9)] == [0.0, 0.5, 0.9]
-    assert s.alpha_at(99) == pytest.approx(0.99) and s.alpha_at(10_000) == 0.99
-    assert TeacherSettings(alpha=0.9).alpha_at(0) == 0.9  # no warm-up: fixed α from the start
-    with pytest.raises(ConfigError, match="eval-mode teacher must average"):
-        TeacherSettings(alpha=0.9, average_buffers=False, mode="eval")
-    with pytest.raises(ConfigError, match="teacher mode"):
-        TeacherSettings(alpha=0.9, mode="sometimes")
-
-
-def test_parameters_only_ema_leaves_the_buffers():
-    torch.manual_seed(0)
-    student = BNNet()
-    teacher = make_teacher(student, "train")
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(1.0)
-        student.bn.running_mean.fill_(5.0)
-        student.bn.num_batches_tracked.fill_(7)
-    t_before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    ema_update(teacher, student, 0.75, average_buffers=False)
-    s = student.state_dict()
-    for k, v in teacher.state_dict().items():
-        if k in dict(teacher.named_parameters()):
-            assert torch.allclose(v, 0.75 * t_before[k] + 0.25 * s[k]), k
-        else:  # running stats and the counter: untouched
-            assert torch.equal(v, t_before[k]), k
-    ema_update(teacher, student, 0.5)  # averaged buffers: the mean half-way, the counter copied
-    assert torch.allclose(teacher.bn.running_mean, torch.full((2,), 2.5))
-    assert int(teacher.bn.num_batches_tracked) == 7
-
-
-def test_teacher_mode_train_follows_the_parent_eval_mode_never():
-    torch.manual_seed(0)
-    for mode, expect_train in (("train", True), ("eval", False)):
-        ctx = FakeContext(BNNet)
-        parent = nn.Module()
-        parent.student = ctx.build_segmenter()
-        parent.teacher = ctx.ema_of(parent.student, alpha=0.9, mode=mode)
-        parent.train()
-        assert parent.teacher.training is expect_train
-        assert all(m.training is expect_train for m in parent.teacher.modules())
-        parent.eval()
-        assert not parent.teacher.training  # evaluated: always eval
-        assert all(not p.requires_grad for p in parent.teacher.parameters())
-        (_, _, settings), = ctx.emas
-        assert settings.mode == mode and settings.alpha == 0.9
-
-
-def test_fake_context_is_the_engines_context():
-    from semibench.engine import EngineContext
-    ctx = FakeContext(LinearSeg, ema_alpha=0.95)
-    assert isinstance(ctx, EngineContext)
-    student = ctx.build_segmenter()
-    ctx.ema_of(student)
-    ctx.add_optimizer(student.parameters())
-    assert ctx.emas[0][2] == TeacherSettings(alpha=0.95)  # the defaults of Mean Teacher and CDCL
-    with pytest.raises(ConfigError, match="shares parameters"):
-        ctx.add_optimizer(student.parameters(), name="again")
-
-
-def test_declared_views_and_batches_are_checked_once():
-    class Bad:
-        name, unlabeled_views, unlabeled_batches = "bad", "weak_strongg", 1
-    with pytest.raises(ConfigError, match="unlabeled_views='weak_strongg', not a view kind; known: "):
-        check_method_class(Bad, VIEW_KINDS)
-    Bad.unlabeled_views, Bad.unlabeled_batches = "single", 0
-    with pytest.raises(ConfigError, match="unlabeled_batches=0; it must be an integer >= 1"):
-        check_method_class(Bad, VIEW_KINDS)
-    Bad.unlabeled_views, Bad.unlabeled_batches = None, 2
-    with pytest.raises(ConfigError, match="unlabeled_batches=2 but no unlabeled_views"):
-        check_method_class(Bad, VIEW_KINDS)
-    for name in METHODS.names():  # every registered method passes
-        check_method_class(METHODS.get(name), VIEW_KINDS)
-
-
-from semibench.engine import Trainer  # noqa: E402
-from semibench.method import Method  # noqa: E402
-
-
-class ThreeBatches(Method):
-    name = "_test_three"
-    Hparams = type(None)
-    unlabeled_views = "single"
-    unlabeled_batches = 3
-
-    def __init__(self, ctx, hp):
-        super().__init__()
-        self.student = ctx.build_segmenter()
-        ctx.add_optimizer(self.student.parameters())
-
-    def training_step(self, batch, step):
-        assert len(batch.unlabeled_batches()) == 3
-        return {"loss": self.student(batch.labeled_image, project=False).logits.mean()}
-
-
-def test_engine_refuses_bad_declarations_at_construction(toy_root, tmp_path, monkeypatch):  # noqa: F811
-    METHODS.names()
-    bad = type("BadViews", (ThreeBatches,), {"name": "_test_bad", "unlabeled_views": "nope"})
-    monkeypatch.setitem(METHODS._items, "_test_bad", bad)
-    with pytest.raises(ConfigError, match="method '_test_bad' declares unlabeled_views='nope'"):
-        Trainer(toy_config(toy_root, "_test_bad"), tmp_path)
-
-
-def test_engine_draws_n_unlabeled_batches(toy_root, tmp_path, monkeypatch):  # noqa: F811
-    METHODS.names()
-    monkeypatch.setitem(METHODS._items, "_test_three", ThreeBatches)
-    tr = Trainer(toy_config(toy_root, "_test_three", batch_labeled=2, batch_unlabeled=2), tmp_path)
-    assert tr.images_per_step == 2 + 3 * 2
-    batch = tr.make_batch(0, 1)
-    views = [v["image"] for v in batch.unlabeled_batches()]
-    assert len(views) == 3 and all(v.shape == (2, 3, 64, 64) for v in views)
-    assert not views[1].equal(views[2])  # independent draws
-    assert all(a.equal(b) for a, b in zip(views, [v["image"] for v in tr.make_batch(0, 1).unlabeled_batches()]))
-    tr.train_step(0, 0)

@@ -1,4 +1,4 @@
-"""Named optimisers and per-optimiser losses (engine ``Trainer._update``, semibench.method
+"""Named optimisers and per-optimiser losses (``semibench.update.Update``, semibench.method
 'Update steps'): routing, skipping optimisers without gradient, refusals, checkpoints by name."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from torch import nn
 
 from semibench.engine import Trainer, train
 from semibench.errors import ConfigError, TrainingError
-from tests.toy import toy_config, Killed, load_state, assert_same_runs
+from semibench.testing import toy_config
+from tests.toy import Killed, load_state, assert_same_runs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,7 +23,7 @@ def _clone(module):
 def test_each_loss_reaches_only_its_optimisers_parameters(toy_root, tmp_path, two_methods):  # noqa: F811
     tr = Trainer(toy_config(toy_root, "_test_two"), tmp_path)
     m = tr.method
-    batch = tr.make_batch(0, 0)
+    batch = tr.batches.batch(0, 0)
     # the reference: gradients of loss/a w.r.t. the segmenter, of loss/b w.r.t. the critic
     torch.manual_seed(5)
     loss_a, loss_b = m.parts(batch)
@@ -33,7 +34,7 @@ def test_each_loss_reaches_only_its_optimisers_parameters(toy_root, tmp_path, tw
     assert sum(float(g.abs().sum()) for g in g_b_from_a) > 0  # loss/a does depend on the critic
     torch.manual_seed(5)
     loss_a, loss_b = m.parts(batch)
-    tr._update(None, [("a", loss_a), ("b", loss_b)])
+    tr.update.apply(None, [("a", loss_a), ("b", loss_b)])
     got_a = [p.grad for n, p in m.student.named_parameters() if "projector" not in n]
     for g, ref in zip(got_a, g_a):
         torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)
@@ -59,10 +60,10 @@ def test_single_loss_methods_step_exactly_as_one_backward_and_every_optimiser(to
     ref_method = copy.deepcopy(tr.method)
     ref_opts = [torch.optim.Adam(ref_method.student.parameters(), lr=tr.cfg.train.lr),
                 torch.optim.Adam(ref_method.critic.parameters(), lr=5e-3, betas=(0.5, 0.9))]
-    tr.set_lr(0)
+    tr.update.set_lr(0)
     for o, lr in zip(ref_opts, (tr.ctx.optimizers[0].param_groups[0]["lr"], tr.ctx.optimizers[1].param_groups[0]["lr"])):
         o.param_groups[0]["lr"] = lr
-    batch = tr.make_batch(0, 0)
+    batch = tr.batches.batch(0, 0)
     rng = torch.get_rng_state()
     loss_a, loss_b = ref_method.parts(batch)  # today's path: one backward, then every step
     (loss_a + loss_b).backward()
@@ -70,7 +71,7 @@ def test_single_loss_methods_step_exactly_as_one_backward_and_every_optimiser(to
         o.step()
     torch.set_rng_state(rng)
     losses = tr.method.training_step(batch, None)
-    tr._update(losses["loss"], tr._per_optimizer_losses(losses))
+    tr.update.apply(losses["loss"], tr.update.route(losses))
     for a, b in zip(ref_method.parameters(), tr.method.parameters()):
         assert torch.equal(a, b)  # bit-identical on the CPU
 
@@ -79,11 +80,11 @@ def test_bad_loss_keys_are_refused(toy_root, tmp_path, two_methods):  # noqa: F8
     tr = Trainer(toy_config(toy_root, "_test_two"), tmp_path)
     one = torch.ones((), requires_grad=True)
     with pytest.raises(TrainingError, match="unknown optimiser.*'c'.*registered: 'a', 'b'"):
-        tr._per_optimizer_losses({"loss/a": one, "loss/c": one})
+        tr.update.route({"loss/a": one, "loss/c": one})
     with pytest.raises(TrainingError, match="both 'loss' and per-optimiser"):
-        tr._per_optimizer_losses({"loss": one, "loss/a": one})
+        tr.update.route({"loss": one, "loss/a": one})
     with pytest.raises(TrainingError, match="no 'loss' and no 'loss/<optimiser>'"):
-        tr._per_optimizer_losses({"L_sup": one})
+        tr.update.route({"L_sup": one})
 
 
 def test_optimiser_registration_is_checked(toy_root, tmp_path, two_methods):  # noqa: F811
@@ -131,9 +132,9 @@ def test_a_real_grad_scaler_meets_no_optimiser_without_gradient(toy_root, tmp_pa
     # steps an optimiser without gradient; the engine's skip keeps it from ever doing so.
     # (tests/test_gpu_amp.py runs the same under CUDA autocast.)
     tr = Trainer(toy_config(toy_root, "_test_two", method_params={"mode": "only_a"}), tmp_path)
-    tr.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    tr.update.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
     for it in range(2):
         tr.train_step(0, it)
     assert tr.ctx.named_optimizers()["b"].state == {} and tr.ctx.named_optimizers()["a"].state != {}
     with pytest.raises(AssertionError, match="No inf checks were recorded"):
-        tr.scaler.step(tr.ctx.named_optimizers()["b"])
+        tr.update.scaler.step(tr.ctx.named_optimizers()["b"])

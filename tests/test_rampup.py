@@ -12,7 +12,7 @@ import pytest
 
 from semibench.engine import Trainer
 from semibench.method import StepInfo
-from tests.toy import toy_config
+from semibench.testing import toy_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,7 +13,8 @@ from semibench.data import (BatchSchedule, derive_seed, iterations_per_epoch, lo
 from semibench.engine import Trainer, train
 from semibench.errors import ConfigError, DataError
 from semibench.registry import METHODS
-from tests.toy import toy_config, Killed, load_state, assert_same_runs
+from semibench.testing import toy_config
+from tests.toy import Killed, load_state, assert_same_runs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,7 +16,7 @@ from semibench.methods.tcsmv2 import (TCSMv2Hparams, Transform, apply_transform,
                                       scale_images, scaled_sizes, unscale_logits)
 from semibench.model import build_model
 from semibench.registry import METHODS
-from tests.fakes import FakeContext
+from semibench.testing import FakeContext
 from tests.toy import LinearSeg
 
 ACTIVE = StepInfo(epoch=6, epochs=10, iteration=50, iterations=100, unsup_active=True)

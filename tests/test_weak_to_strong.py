@@ -20,8 +20,8 @@ from semibench.losses import (cutmix_box_masks, masked_cross_entropy, masked_sof
 from semibench.method import Batch, StepInfo, make_hparams, predicting
 from semibench.model import SegOutput, build_model
 from semibench.registry import METHODS
-from tests.fakes import FakeContext
-from tests.toy import LinearSeg, toy_config
+from semibench.testing import FakeContext, toy_config
+from tests.toy import LinearSeg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -407,7 +407,7 @@ def test_predicting_restores_the_mode_and_blocks_gradients():
 def test_engine_draws_the_mix_batch_with_the_methods_views(name, toy_root, tmp_path):  # noqa: F811
     tr = Trainer(toy_config(toy_root, name, ratio=2, batch_unlabeled=2, unsup_start_epoch=0), tmp_path)
     assert tr.images_per_step == 2 + 2 * 2
-    b = tr.make_batch(0, 0)
+    b = tr.batches.batch(0, 0)
     assert set(b.unlabeled) == set(b.more_unlabeled[0]) == {"weak", *STRONG[name]}
     assert not torch.equal(b.unlabeled["weak"], b.more_unlabeled[0]["weak"])
     values = tr.train_step(0, 0)

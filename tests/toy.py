@@ -1,60 +1,17 @@
-"""What the engine-level tests share: a tiny prepared dataset with a hand-written split, its
-run config, test-local methods (independent of methods/), a hand-set linear segmenter, and
+"""What the engine-level tests share besides :mod:`semibench.testing`'s toy data and fake
+context: test-local methods (independent of methods/), a hand-set linear segmenter, and
 bit-for-bit comparison of two run directories. Fixtures that use them are in conftest.py."""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semibench.config import RunConfig, TrainConfig
 from semibench.method import Method
 from semibench.model import SegOutput
-from semibench.prepared import PreparedWriter
-
-# ---------------------------------------------------------------------------- toy data
-
-def write_toy_dataset(root: Path, n_train=12, n_val=4, n_test=2, h=40, w=48, seeds=(0,)) -> None:
-    """``root/data/prepared/toy`` (random images with bright discs as nuclei) and
-    ``root/splits/toy/seed{S}.json`` with labeled subsets for ratios 1, 2, 4."""
-    rng = np.random.default_rng(123)
-    ids = [f"img{i:02d}" for i in range(n_train + n_val + n_test)]
-    yy, xx = np.mgrid[:h, :w]
-    with PreparedWriter(root / "data" / "prepared" / "toy", "toy") as writer:
-        for sid in ids:
-            label = np.zeros((h, w), np.uint16)
-            for k in range(1, 4):
-                cy, cx, r = rng.integers(6, h - 6), rng.integers(6, w - 6), rng.integers(3, 7)
-                label[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = k
-            image = rng.integers(0, 80, (h, w, 3)).astype(np.uint8)
-            image[label > 0] += np.uint8(150)
-            writer.add_image(sid, h, w, 3, "train")
-            writer.add_sample(sid, image, label, "train")
-        writer.commit()
-    train_ids, val, test = ids[:n_train], ids[n_train:n_train + n_val], ids[n_train + n_val:]
-    for seed in seeds:
-        order = list(np.random.default_rng(seed).permutation(train_ids))
-        split = {"dataset": "toy", "seed": seed, "train": train_ids, "val": val, "test": test,
-                 "labeled": {"4": order[:3], "2": order[:6], "1": train_ids}}
-        path = root / "splits" / "toy" / f"seed{seed}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(split))
-
-
-def toy_config(root: Path, method: str, ratio: int = 2, seed: int = 0, method_params=None,
-               **train_kw) -> RunConfig:
-    t = dict(backbone="tiny", weights="none", input_size=64, batch_labeled=2, batch_unlabeled=2,
-             epochs=3, unsup_start_epoch=1, eval_batch_size=4)
-    t.update(train_kw)
-    return RunConfig(dataset="toy", method=method, ratio=ratio, seed=seed,
-                     data_dir=str(root / "data"), splits_dir=str(root / "splits"), device="cpu",
-                     train=TrainConfig(**t), method_params=dict(method_params or {}))
-
 
 @dataclass
 class LocalMTHparams:
