@@ -32,7 +32,7 @@ RECOMMEND_FRACTION = 0.95
 def worker(args) -> int:
     from bench_train import make_trainer
 
-    import semibench.engine as engine
+    import semibench.progress as progress
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -60,7 +60,7 @@ def worker(args) -> int:
     while time.time() < start + args.seconds:
         tr.run_step(0, it)
         it, n = it + 1, n + 1
-        if n % engine.LOG_EVERY == 0:
+        if n % progress.LOG_EVERY == 0:
             tr.read_losses()
     tr.read_losses()
     if dev.type == "cuda":

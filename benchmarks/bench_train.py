@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-import semibench.engine as engine
+import semibench.progress as progress
 from semibench.config import RunConfig, TrainConfig
 from semibench.data import ImageSet, TrainData
 from semibench.engine import Trainer, determinism
@@ -127,7 +127,7 @@ def run_steps(tr: Trainer, first: int, n: int, read_every_step: bool) -> None:
             tr.train_step(0, i)
         else:
             tr.run_step(0, i)
-            if (i - first + 1) % engine.LOG_EVERY == 0:
+            if (i - first + 1) % progress.LOG_EVERY == 0:
                 tr.read_losses()
     tr.read_losses()
 
@@ -137,7 +137,7 @@ def bench_one(method: str, backbone: str, size: int, device: str, batch_labeled:
               count: bool = True, deterministic: bool = True) -> dict:
     t0 = time.perf_counter()
     dev = torch.device(device)
-    with determinism(deterministic, dev):
+    with determinism(deterministic, dev, compile=variant == "on"):
         tr = make_trainer(method, backbone, size, device, batch_labeled, batch_unlabeled,
                           warmup + steps + 2, variant, deterministic)
         dev = tr.device

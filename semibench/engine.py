@@ -19,7 +19,7 @@ that a kill in between replays the epoch, and the replay first drops the epoch's
 Execution (:mod:`semibench.execution`: ``train.precision``, ``channels_last``, ``fused_adam``,
 ``compile``): how the steps run on the device, outside the fingerprint. The loop does not wait
 for the device per step: :meth:`Trainer.run_step` queues its losses there, and they are read and
-checked every ``LOG_EVERY`` steps and at the end of each epoch (:meth:`Trainer.train_step`
+checked every ``progress.LOG_EVERY`` steps and at the end of each epoch (:meth:`Trainer.train_step`
 reads them at once, before the update).
 
 Epochs are 0-based everywhere in files (``StepInfo.epoch`` too).
@@ -33,8 +33,10 @@ bank, a counter) must keep it in its ``state_dict`` (buffers or ``get_extra_stat
 """
 from __future__ import annotations
 
+import importlib
 import math
 import random
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -43,7 +45,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .augment import AugmentConfig, augment_config
 from .batches import BatchSource
@@ -55,11 +56,11 @@ from .errors import ConfigError, TrainingError
 from .execution import LossQueue, match_state_layouts, nonfinite_loss_message, prepare_networks, resolve_execution
 from .contract import build_method, method_class
 from .method import Method, StepInfo
+from .progress import EpochLog
 from .rundir import CHECKPOINT_FORMAT, RunDirectory, RunLog, check_same_config, peak_memory_mb, read_checkpoint, versions
 from .update import Update
 from .validation import MODEL_SELECTION, Validator
 
-LOG_EVERY = 25  # iterations between "train" lines in train.jsonl (and between loss reads)
 STREAM_INIT, STREAM_EPOCH = 11, 12  # random streams (see data.STREAM_*)
 
 
@@ -69,24 +70,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also every CUDA device
 
 
+def _set_deterministic(mode: bool, warn_only: bool = False) -> None:
+    """``torch.use_deterministic_algorithms``, which also sets inductor's copy of the flag and
+    so imports ``torch._inductor`` (about 1 s of every job). The flag itself is torch's; inductor's
+    copy matters only to compiled code, so it is set only when inductor is loaded already (a
+    compiling run loads it first, :func:`determinism`)."""
+    if "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        torch._C._set_deterministic_algorithms(mode, warn_only=warn_only)
+
+
 @contextmanager
-def determinism(enabled: bool, device: torch.device) -> Iterator[None]:
+def determinism(enabled: bool, device: torch.device, compile: bool = False) -> Iterator[None]:
     """Deterministic kernels for the duration of a run, then the previous global settings.
     On the CPU ``torch.use_deterministic_algorithms`` is enforced; on CUDA only cuDNN's
     deterministic mode (several CUDA backward kernels, e.g. bilinear upsampling, have no
-    deterministic variant, and forcing them would fail the run)."""
+    deterministic variant, and forcing them would fail the run). ``compile``: the run will use
+    torch.compile, whose inductor keeps its own copy of the flag."""
+    if compile:
+        importlib.import_module("torch._inductor.config")  # so _set_deterministic sets its copy too
     prev = (torch.are_deterministic_algorithms_enabled(),
             torch.is_deterministic_algorithms_warn_only_enabled(),
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     try:
         if device.type == "cpu":
-            torch.use_deterministic_algorithms(enabled)
+            _set_deterministic(enabled)
         else:
             torch.backends.cudnn.deterministic = enabled
             torch.backends.cudnn.benchmark = not enabled
         yield
     finally:
-        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        _set_deterministic(prev[0], warn_only=prev[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[2], prev[3]
 
 
@@ -309,45 +324,20 @@ class Trainer:
     def _train_epoch(self, epoch: int, log: RunLog) -> tuple[dict[str, float], float, float]:
         cfg = self.cfg
         self.method.train()
-        sums: dict[str, float] = {}
-        window: dict[str, float] = {}
-        n_window, t_window = 0, time.perf_counter()
-        t0 = time.perf_counter()
-        bar = tqdm(range(self.iterations_per_epoch),
-                   desc=f"{cfg.method} {cfg.dataset} 1/{self.ratio} seed{cfg.seed} "
-                   f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, mininterval=1.0, unit="it")
-        lr = float("nan")
-        for it in bar:
+        progress = EpochLog(log, epoch, self.iterations_per_epoch, self.images_per_step, self.device,
+                            f"{cfg.method} {cfg.dataset} 1/{self.ratio} seed{cfg.seed} "
+                            f"epoch {epoch + 1}/{cfg.train.epochs}")
+        for it in range(self.iterations_per_epoch):
             try:
                 self.run_step(epoch, it)
             except Exception as e:
                 self._raise_queued_nonfinite(e)
                 raise
-            lr = self.lr
-            n_window += 1
-            last = it == self.iterations_per_epoch - 1
-            if n_window == LOG_EVERY or (last and n_window):
-                # one host synchronisation per window; the epoch's last read precedes its
-                # validation and checkpoint, so a non-finite loss stops the run before either
-                for values in self.read_losses():
-                    for k, v in values.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                        window[k] = window.get(k, 0.0) + v
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                dt = time.perf_counter() - t_window
-                means = {k: v / n_window for k, v in window.items()}
-                log.write(event="train", epoch=epoch, iteration=epoch * self.iterations_per_epoch + it + 1,
-                          lr=lr, losses=means, img_per_s=n_window * self.images_per_step / max(dt, 1e-9),
-                          images_per_step=self.images_per_step,  # for `semibench status` (no import)
-                          peak_mem_mb=peak_memory_mb(self.device))
-                bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.2e}")
-                window, n_window, t_window = {}, 0, time.perf_counter()
-        bar.close()
-        train_s = time.perf_counter() - t0
+            progress.step_done(it, self.lr, self.read_losses)
+        epoch_losses, train_s = progress.close()
         self.timings["train_s"] += train_s
         self.timings["images"] += self.iterations_per_epoch * self.images_per_step
-        return {k: v / self.iterations_per_epoch for k, v in sums.items()}, lr, train_s
+        return epoch_losses, self.lr, train_s
 
     def _raise_queued_nonfinite(self, error: Exception) -> None:
         """A step failed: when a queued loss was already non-finite, that is the cause to
@@ -396,6 +386,6 @@ def train(cfg: RunConfig, out_dir: Path, *, on_epoch_end: Callable[[int], None] 
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # autocast and cuDNN follow the current device
-    with determinism(cfg.train.deterministic, device):
+    with determinism(cfg.train.deterministic, device, compile=cfg.train.compile):
         trainer = Trainer(cfg, run_dir.path)
         return trainer.run(on_epoch_end=on_epoch_end)

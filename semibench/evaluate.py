@@ -39,7 +39,6 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
 from tqdm import tqdm
 
@@ -48,6 +47,7 @@ import semibench
 from .atomic import write_atomic
 from .config import RunConfig
 from .data import load_split, preprocess
+from .densenet import torchvision_version
 from .device import device_name, resolve_device
 from .errors import DataError, TrainingError
 from .execution import resolve_execution, to_device
@@ -69,7 +69,7 @@ def versions() -> dict[str, str]:
     import skimage
 
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": np.__version__,
+            "torchvision": torchvision_version(), "numpy": np.__version__,
             "scipy": scipy.__version__, "scikit-image": skimage.__version__,
             "semibench": semibench.__version__}
 

@@ -27,8 +27,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import densenet as tv_densenet
-
+from .densenet import densenet_features
 from .errors import ConfigError
 
 FEATURE_CHANNELS = 256  # the paper's extractor width, the same for every backbone
@@ -74,11 +73,12 @@ def _up(x: torch.Tensor, size) -> torch.Tensor:
 
 
 class DenseNetEncoder(nn.Module):
-    """torchvision's ``DenseNet.features``, returning the four skips and the bottom map."""
+    """torchvision's ``DenseNet.features`` (:mod:`semibench.densenet`), returning the four skips
+    and the bottom map."""
 
     def __init__(self, growth_rate: int, block_config: tuple[int, ...], num_init_features: int):
         super().__init__()
-        self.features = tv_densenet.DenseNet(growth_rate, block_config, num_init_features).features
+        self.features = densenet_features(growth_rate, block_config, num_init_features)
         c = num_init_features
         widths = []
         for i, n in enumerate(block_config):
@@ -233,6 +233,7 @@ def _load_imagenet(model: DenseUNet) -> dict:
     if enum_name is None:
         return dict(requested="imagenet", used="random-init",
                     reason=f"no ImageNet weights exist for the {model.backbone!r} backbone")
+    from torchvision.models import densenet as tv_densenet  # only here: its import costs ~1 s
     weights = getattr(tv_densenet, enum_name).IMAGENET1K_V1
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     if not cached.exists():

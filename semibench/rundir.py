@@ -27,6 +27,7 @@ import semibench
 
 from .atomic import write_atomic
 from .config import RunConfig
+from .densenet import torchvision_version
 from .errors import TrainingError
 from .status import write_host_file
 
@@ -43,9 +44,8 @@ def torch_save_atomic(path: Path, obj) -> None:
 
 
 def versions() -> dict[str, str]:
-    import torchvision
     v = {"python": platform.python_version(), "torch": torch.__version__,
-         "torchvision": torchvision.__version__, "numpy": np.__version__,
+         "torchvision": torchvision_version(), "numpy": np.__version__,
          "semibench": semibench.__version__}
     if torch.cuda.is_available():
         v["cuda"] = str(torch.version.cuda)

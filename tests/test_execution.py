@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import semibench.engine as engine
+import semibench.progress as progress
 import semibench.execution as execution
 from semibench.config import RunConfig, TrainConfig
 from semibench.data import SampleCache, derive_seed, preprocess
@@ -223,7 +223,7 @@ def test_defaults_on_the_cpu_compute_what_the_plain_loop_computes(method, toy_ro
     # meanteacher: an eval-mode EMA teacher averaging buffers; gct: three optimisers with
     # per-optimiser losses; cutmix: a train-mode teacher and two unlabeled batches per step;
     # unimatch: eval-mode predictions inside the step, feature dropout, CutMix boxes
-    monkeypatch.setattr(engine, "LOG_EVERY", 1)  # a train line per step: each step's losses
+    monkeypatch.setattr(progress, "LOG_EVERY", 1)  # a train line per step: each step's losses
     cfg = toy_config(toy_root, method, epochs=2, unsup_start_epoch=0,
                      method_params={"fd_channels": 8} if method == "gct" else None)
     reference, steps, val_dice = _reference_run(cfg, tmp_path)

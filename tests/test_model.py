@@ -1,12 +1,16 @@
+import subprocess
+import sys
 import urllib.error
 import warnings
 
 import pytest
 import torch
 from torch import nn
+import torchvision
 from torchvision.models import densenet as tv_densenet
 
 import semibench.model as model_mod
+from semibench.densenet import densenet_features, torchvision_version
 from semibench.errors import ConfigError
 from semibench.model import BACKBONES, DenseUNet, SegOutput, build_model
 
@@ -112,6 +116,48 @@ def test_weights_none_is_recorded():
     m = build_model("tiny", "none")
     assert m.weights_info["requested"] == "none"
     assert m.weights_info["used"] == "random-init"
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "densenet121"])
+def test_features_are_torchvisions_bit_for_bit(backbone):
+    # semibench.densenet rebuilds DenseNet(...).features without importing torchvision: the same
+    # names, the same initial weights from the same generator state, and the same outputs
+    growth, blocks, init, _ = BACKBONES[backbone]
+    torch.manual_seed(7)
+    ref = tv_densenet.DenseNet(growth, blocks, init).features
+    after_ref = torch.rand(3)
+    torch.manual_seed(7)
+    ours = densenet_features(growth, blocks, init)
+    assert torch.equal(torch.rand(3), after_ref)  # the same draws, so the decoder's init follows
+    a, b = ref.state_dict(), ours.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    for mode in (True, False):
+        ref.train(mode), ours.train(mode)
+        assert torch.equal(ref(x), ours(x))
+    assert torchvision.__version__ == torchvision_version()
+
+
+def test_a_run_imports_neither_torchvision_nor_inductor():
+    # about 1 s each of every train and evaluate job: torchvision's package import pulls in
+    # torch._dynamo, torch.use_deterministic_algorithms imports torch._inductor
+    code = ("import sys, torch, semibench.engine as e, semibench.evaluate, semibench.model as m\n"
+            "m.build_model('tiny', 'none')\n"
+            "with e.determinism(True, torch.device('cpu')):\n"
+            "    inside = torch.are_deterministic_algorithms_enabled()\n"
+            "print(inside, torch.are_deterministic_algorithms_enabled(), "
+            "[k for k in ('torchvision', 'torch._inductor', 'torch._dynamo') if k in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True False []"
+    # a compiling run sets inductor's copy of the flag too, and restores both
+    code = ("import torch, semibench.engine as e\n"
+            "with e.determinism(True, torch.device('cpu'), compile=True):\n"
+            "    import torch._inductor.config as c\n"
+            "    inside = (torch.are_deterministic_algorithms_enabled(), c.deterministic)\n"
+            "print(inside, torch.are_deterministic_algorithms_enabled(), c.deterministic)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "(True, True) False False"
 
 
 def test_tiny_has_no_imagenet_weights_and_no_download(monkeypatch):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import semibench.engine as engine
+import semibench.progress as progress
 from semibench.data import (BatchSchedule, derive_seed, iterations_per_epoch, load_train_data,
                             resize_image_uint8, split_ids)
 from semibench.engine import Trainer, train
@@ -127,7 +127,7 @@ def test_killed_after_epoch_k_and_resumed_is_bit_identical(method, k, epochs, to
 
 
 def test_killed_mid_epoch_replays_the_epoch(toy_root, tmp_path, local_methods, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(engine, "LOG_EVERY", 1)  # a train.jsonl line per step, so the kill leaves some
+    monkeypatch.setattr(progress, "LOG_EVERY", 1)  # a train.jsonl line per step, so the kill leaves some
     cfg = toy_config(toy_root, "_test_mt", epochs=2, unsup_start_epoch=0)
     train(cfg, tmp_path / "whole")
     step = Trainer.run_step  # the step the training loop runs
