@@ -139,25 +139,29 @@ def test_features_are_torchvisions_bit_for_bit(backbone):
     assert torchvision.__version__ == torchvision_version()
 
 
+def _fresh_python(*lines: str) -> str:
+    """What a new interpreter running ``lines`` prints (imports start from nothing there)."""
+    out = subprocess.run([sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
 def test_a_run_imports_neither_torchvision_nor_inductor():
     # about 1 s each of every train and evaluate job: torchvision's package import pulls in
     # torch._dynamo, torch.use_deterministic_algorithms imports torch._inductor
-    code = ("import sys, torch, semibench.engine as e, semibench.evaluate, semibench.model as m\n"
-            "m.build_model('tiny', 'none')\n"
-            "with e.determinism(True, torch.device('cpu')):\n"
-            "    inside = torch.are_deterministic_algorithms_enabled()\n"
-            "print(inside, torch.are_deterministic_algorithms_enabled(), "
-            "[k for k in ('torchvision', 'torch._inductor', 'torch._dynamo') if k in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "True False []"
+    assert _fresh_python(
+        "import sys, torch, semibench.engine as e, semibench.evaluate, semibench.model as m",
+        "m.build_model('tiny', 'none')",
+        "with e.determinism(True, torch.device('cpu')):",
+        "    inside = torch.are_deterministic_algorithms_enabled()",
+        "print(inside, torch.are_deterministic_algorithms_enabled(), "
+        "[k for k in ('torchvision', 'torch._inductor', 'torch._dynamo') if k in sys.modules])") == "True False []"
     # a compiling run sets inductor's copy of the flag too, and restores both
-    code = ("import torch, semibench.engine as e\n"
-            "with e.determinism(True, torch.device('cpu'), compile=True):\n"
-            "    import torch._inductor.config as c\n"
-            "    inside = (torch.are_deterministic_algorithms_enabled(), c.deterministic)\n"
-            "print(inside, torch.are_deterministic_algorithms_enabled(), c.deterministic)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "(True, True) False False"
+    assert _fresh_python(
+        "import torch, semibench.engine as e",
+        "with e.determinism(True, torch.device('cpu'), compile=True):",
+        "    import torch._inductor.config as c",
+        "    inside = (torch.are_deterministic_algorithms_enabled(), c.deterministic)",
+        "print(inside, torch.are_deterministic_algorithms_enabled(), c.deterministic)") == "(True, True) False False"
 
 
 def test_tiny_has_no_imagenet_weights_and_no_download(monkeypatch):
