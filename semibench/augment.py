@@ -399,12 +399,16 @@ def make_views(kind: str, images: torch.Tensor, gen: torch.Generator,
     method's ``view_options`` (keyword arguments of the kind's builder)."""
     if kind not in VIEW_KINDS:
         raise ConfigError(f"unknown unlabeled view kind {kind!r}; known: {', '.join(sorted(VIEW_KINDS))}")
-    builder = VIEW_KINDS[kind]
     if options:
-        accepted = {n for n, prm in inspect.signature(builder).parameters.items()
-                    if prm.kind is inspect.Parameter.KEYWORD_ONLY}
+        accepted = view_options_of(kind)
         unknown = sorted(set(options) - accepted)
         if unknown:
             raise ConfigError(f"view kind {kind!r} takes no option(s) {', '.join(unknown)}; "
                               f"it takes: {', '.join(sorted(accepted)) or 'none'}")
-    return builder(images, gen, cfg, **options)
+    return VIEW_KINDS[kind](images, gen, cfg, **options)
+
+
+def view_options_of(kind: str) -> set[str]:
+    """The options a view kind takes (its builder's keyword-only arguments)."""
+    return {n for n, prm in inspect.signature(VIEW_KINDS[kind]).parameters.items()
+            if prm.kind is inspect.Parameter.KEYWORD_ONLY}

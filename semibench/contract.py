@@ -15,12 +15,11 @@ so a method does not check them itself.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any, Mapping
 
 from torch import nn
 
-from .augment import VIEW_KINDS
+from .augment import VIEW_KINDS, view_options_of
 from .errors import ConfigError
 from .context import EngineContext
 from .method import Method, check_method_class, make_hparams
@@ -40,9 +39,7 @@ def method_class(name: str) -> type:
         raise ConfigError(f"method {name!r}: Hparams must be a dataclass (or left out), got {hp!r}")
     check_method_class(cls, VIEW_KINDS)
     if cls.unlabeled_views is not None and cls.view_options:
-        builder = VIEW_KINDS[cls.unlabeled_views]
-        accepted = {n for n, p in inspect.signature(builder).parameters.items()
-                    if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        accepted = view_options_of(cls.unlabeled_views)
         unknown = sorted(set(cls.view_options) - accepted)
         if unknown:
             raise ConfigError(f"method {name!r} declares view_options {', '.join(unknown)} that view kind "

@@ -124,16 +124,12 @@ class TwoNets(Method):
         return {"loss/a": loss_a, "loss/b": loss_b, "La": loss_a.detach()}
 
 
-class RogueOptimizer(Method):
+class RogueOptimizer(LocalSupOnly):
     name = "_test_rogue"
-    Hparams = type(None)
-    unlabeled_views = None
 
     def __init__(self, ctx, hp):
-        super().__init__()
-        self.student = ctx.build_segmenter()
+        super().__init__(ctx, hp)
         self.head = nn.Linear(2, 2)
-        ctx.add_optimizer(self.student.parameters())
         self.head_opt = torch.optim.SGD(self.head.parameters(), lr=0.1)  # bypasses the engine
 
     def training_step(self, batch, step):
