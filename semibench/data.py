@@ -192,15 +192,15 @@ class BatchSchedule:
 
     Labeled: one endless stream of shuffles (shuffle k seeded by (seed, labeled, k)), so the
     labeled loader cycles across epochs. Unlabeled: per epoch a stream of shuffles seeded by
-    (seed, unlabeled, epoch, r); an epoch reads its first ``iterations * batch`` entries."""
+    (seed, unlabeled, epoch, r); an epoch reads its first ``iterations_per_epoch * batch`` entries."""
 
     def __init__(self, n_labeled: int, n_unlabeled: int, batch_labeled: int, batch_unlabeled: int,
-                 seed: int, iterations: int):
+                 seed: int, iterations_per_epoch: int):
         if n_labeled < 1:
             raise DataError("no labeled training samples")
         self.n_l, self.n_u = n_labeled, n_unlabeled
         self.b_l, self.b_u = batch_labeled, batch_unlabeled
-        self.seed, self.iterations = seed, iterations
+        self.seed, self.iterations_per_epoch = seed, iterations_per_epoch
         self._perms: dict[tuple, torch.Tensor] = {}
 
     def _perm(self, n: int, *key: int) -> torch.Tensor:
@@ -217,7 +217,7 @@ class BatchSchedule:
         return torch.tensor(out, dtype=torch.long)
 
     def labeled(self, epoch: int, iteration: int) -> torch.Tensor:
-        start = (epoch * self.iterations + iteration) * self.b_l
+        start = (epoch * self.iterations_per_epoch + iteration) * self.b_l
         return self._take(self.n_l, start, self.b_l, STREAM_LABELED)
 
     def unlabeled(self, epoch: int, iteration: int) -> torch.Tensor:

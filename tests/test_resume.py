@@ -31,18 +31,18 @@ def test_iterations_per_epoch():
 
 
 def test_batch_schedule_is_a_pure_function_of_seed_epoch_iteration():
-    a = BatchSchedule(5, 7, 2, 3, seed=4, iterations=3)
+    a = BatchSchedule(5, 7, 2, 3, seed=4, iterations_per_epoch=3)
     forward = [(a.labeled(e, i).tolist(), a.unlabeled(e, i).tolist()) for e in range(3) for i in range(3)]
-    b = BatchSchedule(5, 7, 2, 3, seed=4, iterations=3)  # a fresh one, asked backwards
+    b = BatchSchedule(5, 7, 2, 3, seed=4, iterations_per_epoch=3)  # a fresh one, asked backwards
     backward = [(b.labeled(e, i).tolist(), b.unlabeled(e, i).tolist())
                 for e in reversed(range(3)) for i in reversed(range(3))]
     assert forward == backward[::-1]
-    c = BatchSchedule(5, 7, 2, 3, seed=5, iterations=3)
+    c = BatchSchedule(5, 7, 2, 3, seed=5, iterations_per_epoch=3)
     assert [c.labeled(0, i).tolist() for i in range(3)] != [a.labeled(0, i).tolist() for i in range(3)]
 
 
 def test_labeled_stream_cycles_and_unlabeled_epoch_covers_the_set():
-    s = BatchSchedule(4, 7, 2, 3, seed=0, iterations=3)
+    s = BatchSchedule(4, 7, 2, 3, seed=0, iterations_per_epoch=3)
     stream = torch.cat([s.labeled(e, i) for e in range(2) for i in range(3)]).tolist()
     assert len(stream) == 12
     for k in range(3):  # consecutive shuffles of the 4 labeled samples, across epoch borders
