@@ -26,7 +26,7 @@ from .contract import method_class
 from .engine import Trainer, determinism, train
 from .errors import ConfigError, SemibenchError
 from .evaluate import evaluate_run
-from .testing import toy_config, write_toy_dataset
+from .testing import first_difference, toy_config, write_toy_dataset
 
 CHECK_RATIO = 2  # half the toy training images labeled
 
@@ -113,7 +113,7 @@ def check_method(name: str, workdir: Path | None = None,
         train(cfg, resumed)
         a = torch.load(straight / "checkpoint.pt", map_location="cpu", weights_only=True)["method"]
         b = torch.load(resumed / "checkpoint.pt", map_location="cpu", weights_only=True)["method"]
-        differ = sorted(k for k in set(a) | set(b) if k not in a or k not in b or not _same(a[k], b[k]))
+        differ = sorted(k for k in a.keys() | b.keys() if first_difference(a.get(k), b.get(k)) is not None)
         if differ:
             fail("resume", f"a run resumed after epoch 0 differs from an uninterrupted one in "
                            f"{', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}; keep state "
@@ -134,12 +134,3 @@ def check_method(name: str, workdir: Path | None = None,
     stage("evaluate", evaluate)
     return seconds
 
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b

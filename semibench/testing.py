@@ -73,3 +73,30 @@ class FakeContext(EngineContext):
         net = self.make_net()
         self.segmenters.append(net)
         return net
+
+
+def first_difference(a, b, where: str = "") -> str | None:
+    """Where two nested structures of tensors, dicts, lists and plain values first differ (a
+    tensor must match in shape, dtype and every bit), as a dotted path; None when identical.
+    Checkpoints of an interrupted and an uninterrupted run are compared with it."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
+        return None if same else where or "<root>"
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(a.keys() | b.keys(), key=str):
+            if k not in a or k not in b:
+                return f"{where}.{k}"
+            d = first_difference(a[k], b[k], f"{where}.{k}")
+            if d is not None:
+                return d
+        return None
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return f"{where} (length {len(a)} vs {len(b)})"
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = first_difference(x, y, f"{where}[{i}]")
+            if d is not None:
+                return d
+        return None
+    return None if a == b else where or "<root>"

@@ -12,6 +12,7 @@ from torch import nn
 
 from semibench.method import Method
 from semibench.model import SegOutput
+from semibench.testing import first_difference
 
 @dataclass
 class LocalMTHparams:
@@ -150,18 +151,8 @@ def load_state(path):
 
 
 def assert_same_tensors(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same_tensors(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_tensors(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
+    difference = first_difference(a, b, where)
+    assert difference is None, difference
 
 
 def without_timing(lines):
