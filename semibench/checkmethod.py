@@ -24,7 +24,7 @@ import torch
 
 from .contract import method_class
 from .engine import Trainer, determinism, train
-from .errors import ConfigError, SemibenchError
+from .errors import ConfigError, SemibenchError, describe, first_line
 from .evaluate import evaluate_run
 from .testing import first_difference, toy_config, write_toy_dataset
 
@@ -37,10 +37,6 @@ class MethodCheckFailed(ConfigError):
 
 class _Killed(Exception):
     pass
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0]
 
 
 def check_method(name: str, workdir: Path | None = None,
@@ -61,7 +57,7 @@ def check_method(name: str, workdir: Path | None = None,
         except MethodCheckFailed:
             raise
         except Exception as e:
-            what = _first_line(e) if isinstance(e, SemibenchError) else f"{type(e).__name__}: {_first_line(e)}"
+            what = first_line(e) if isinstance(e, SemibenchError) else describe(e)
             raise MethodCheckFailed(f"check-method {name}: {title} failed: {what}") from None
         seconds[title] = time.perf_counter() - t0
         report(f"ok  {title:<9} {seconds[title]:5.1f} s  {detail or ''}".rstrip())

@@ -52,7 +52,7 @@ from .config import RunConfig
 from .context import EngineContext, weights_fell_back, weights_note
 from .data import TrainData, derive_seed, iterations_per_epoch, load_train_data
 from .device import device_name, resolve_device
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, TrainingError, first_line
 from .execution import LossQueue, match_state_layouts, nonfinite_loss_message, prepare_networks, resolve_execution
 from .contract import build_method, method_class
 from .method import Method, StepInfo
@@ -192,8 +192,7 @@ class Trainer:
                 opt.load_state_dict(saved_opts[name])
             match_state_layouts(self.ctx.optimizers)
         except (RuntimeError, ValueError, KeyError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TrainingError(f"{path} does not fit this run's method ({first}); delete it to "
+            raise TrainingError(f"{path} does not fit this run's method ({first_line(e) or type(e).__name__}); delete it to "
                                 f"start the run over") from None
         if state.get("scaler") and self.update.scaler.is_enabled():  # AMP state only matters on CUDA
             self.update.scaler.load_state_dict(state["scaler"])

@@ -15,3 +15,16 @@ class ConfigError(SemibenchError):
 
 class TrainingError(SemibenchError):
     """Training cannot go on (non-finite loss, incompatible checkpoint, missing GPU)."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none): a library's multi-line
+    message would otherwise break the CLI's one-line error."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def describe(e: BaseException) -> str:
+    """``"Type: first line"`` of a foreign exception, for a one-line error naming its cause."""
+    line = first_line(e)
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from .densenet import densenet_features
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 FEATURE_CHANNELS = 256  # the paper's extractor width, the same for every backbone
 
@@ -276,8 +276,7 @@ def _load_file(model: DenseUNet, path: Path) -> dict:
         else:  # a torchvision DenseNet classifier's weights
             model.encoder.features.load_state_dict(_features_state(state))
     except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise ConfigError(f"weights file {path} does not fit backbone {model.backbone!r}: {first}") from None
+        raise ConfigError(f"weights file {path} does not fit backbone {model.backbone!r}: {first_line(e)}") from None
     return dict(requested=str(path), used=f"file:{path}", reason="loaded from file")
 
 

@@ -22,7 +22,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable, Generic, Iterator, TypeVar
 
-from .errors import ConfigError
+from .errors import ConfigError, describe
 
 T = TypeVar("T")
 DECLARED = "REGISTERED_NAMES"
@@ -197,9 +197,8 @@ class Registry(Generic[T]):
             try:  # a module registers on import; a class/function is registered by name
                 obj = ep.load()
             except Exception as e:
-                first = (str(e).strip().splitlines() or [""])[0]
                 raise ConfigError(f"{self.kind} {name!r}: its plugin {ep.value!r} (entry point group "
-                                  f"{self.group!r}) failed to import: {type(e).__name__}: {first}") from None
+                                  f"{self.group!r}) failed to import: {describe(e)}") from None
             if name not in self._items and not isinstance(obj, type(importlib)):
                 self._add(name, obj)
             return

@@ -28,7 +28,7 @@ import semibench
 from .atomic import write_atomic
 from .config import RunConfig
 from .densenet import torchvision_version
-from .errors import TrainingError
+from .errors import TrainingError, describe
 from .status import write_host_file
 
 CHECKPOINT_FORMAT = 2  # 2: carries best_model (format 1 resumes while its best.pt is intact)
@@ -94,8 +94,7 @@ def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise TrainingError(f"{path} is truncated or corrupt ({type(e).__name__}: {first}); delete "
+        raise TrainingError(f"{path} is truncated or corrupt ({describe(e)}); delete "
                             f"it to restart this run from scratch (the other runs are not affected)") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
     if missing:

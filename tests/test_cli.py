@@ -158,3 +158,11 @@ def test_train_threads_default_to_the_config_s():
     cfg = {"threads": {"train": 3, "evaluate": 2}}
     assert step_threads(None, cfg, "train") == 3 and step_threads(5, cfg, "train") == 5
     assert step_threads(None, {}, "train") is None  # no config: torch's default
+
+
+def test_foreign_errors_are_told_in_one_line():
+    from semibench.errors import describe, first_line
+    e = RuntimeError("\n  Error(s) in loading state_dict:\n\tsize mismatch for w\n")
+    assert first_line(e) == "Error(s) in loading state_dict:"
+    assert describe(e) == "RuntimeError: Error(s) in loading state_dict:"
+    assert first_line(EOFError()) == "" and describe(EOFError()) == "EOFError"
