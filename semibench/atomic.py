@@ -1,6 +1,7 @@
 """The one way semibench writes a file that others read while it runs or after a kill."""
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -28,3 +29,8 @@ def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], None], *
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_json_atomic(path: str | Path, obj) -> Path:
+    """``obj`` as indented JSON (non-JSON values as ``str``), written atomically."""
+    return write_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")

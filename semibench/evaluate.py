@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import semibench
 
-from .atomic import write_atomic
+from .atomic import write_atomic, write_json_atomic
 from .config import RunConfig
 from .data import load_split, preprocess
 from .densenet import torchvision_version
@@ -309,7 +309,7 @@ def _write_results(run_dir: Path, cfg: RunConfig, train_done: dict, rows: list[d
     for r in rows:
         writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
     write_atomic(run_dir / "per_image.csv", buf.getvalue())
-    write_atomic(run_dir / "metrics.json", json.dumps(result, indent=1, default=str) + "\n")
+    write_json_atomic(run_dir / "metrics.json", result)
     return result
 
 

@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from PIL import Image
 from tqdm import tqdm
 
-from .atomic import write_atomic
+from .atomic import write_json_atomic
 from .errors import ConfigError, DataError
 from .prepared import PreparedWriter
 from .registry import DATASETS
@@ -230,10 +230,6 @@ def check_archive(spec: ArchiveSpec, path: Path, recipe: Recipe) -> dict:
                 configured_sha256=configured, note=note)
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
-
-
 # ---------------------------------------------------------------- the three CLI entry points
 
 def _archive_records(recipe: Recipe, located: Mapping[str, dict]) -> dict:
@@ -247,7 +243,7 @@ def obtain(name: str, data_dir: str | Path = "data", ds_cfg: Mapping | None = No
     recipe = get_recipe(name, ds_cfg)
     located = locate(recipe, data_dir, download=True)
     records = _archive_records(recipe, located)
-    _atomic_write_json(raw_dir(name, data_dir) / "archives.json", records)
+    write_json_atomic(raw_dir(name, data_dir) / "archives.json", records)
     return records
 
 
@@ -266,12 +262,12 @@ def verify(name: str, data_dir: str | Path = "data", ds_cfg: Mapping | None = No
     except (OSError, json.JSONDecodeError):
         recorded = None
     if recorded != json.loads(json.dumps(found, default=str)):
-        _atomic_write_json(archives_json, found)  # written before verified.json: stays older
+        write_json_atomic(archives_json, found)  # written before verified.json: stays older
     records = {fn: {k: v for k, v in r.items() if k not in ("source", "url")}
                for fn, r in found.items()}
     summary = recipe.verify({fn: Path(loc["path"]) for fn, loc in located.items()})
     result = dict(dataset=name, archives=records, summary=summary)
-    _atomic_write_json(out_path, result)
+    write_json_atomic(out_path, result)
     return result
 
 

@@ -25,7 +25,7 @@ import torch
 
 import semibench
 
-from .atomic import write_atomic
+from .atomic import write_atomic, write_json_atomic
 from .config import RunConfig
 from .densenet import torchvision_version
 from .errors import TrainingError, describe
@@ -33,10 +33,6 @@ from .status import write_host_file
 
 CHECKPOINT_FORMAT = 2  # 2: carries best_model (format 1 resumes while its best.pt is intact)
 CHECKPOINT_KEYS = ("format", "epoch", "method", "optimizers", "best", "timings", "config_items")
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
 def torch_save_atomic(path: Path, obj) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from semibench.atomic import write_atomic
+from semibench.atomic import write_atomic, write_json_atomic
 from semibench.grid import Run
 from semibench.layout import RUN_PATH, log_path, run_dir, run_key, split_path
 
@@ -42,6 +42,12 @@ def test_write_atomic_text_bytes_and_writer(tmp_path):
     write_atomic(out, lambda p: p.write_bytes(b"from a writer"))
     assert out.read_bytes() == b"from a writer"
     assert sorted(p.name for p in out.parent.iterdir()) == ["b.txt"]  # no temporary left
+
+
+def test_write_json_atomic_is_indented_json_with_str_for_the_rest(tmp_path):
+    out = write_json_atomic(tmp_path / "m.json", {"a": 1, "p": tmp_path / "x", "l": [0.5]})
+    assert out.read_text() == '{\n "a": 1,\n "p": "%s",\n "l": [\n  0.5\n ]\n}\n' % (tmp_path / "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
