@@ -70,7 +70,6 @@ def check_method(name: str, workdir: Path | None = None,
     def contract():
         nonlocal cls
         cls = method_class(name)
-        write_toy_dataset(root, seeds=(0,))
         views = cls.unlabeled_views or "labeled data only"
         return f"{cls.__module__}.{cls.__qualname__}, views: {views}, unlabeled batches: {cls.unlabeled_batches}"
 
@@ -79,6 +78,7 @@ def check_method(name: str, workdir: Path | None = None,
     initial = {}
 
     def build():
+        write_toy_dataset(root, seeds=(0,))
         with determinism(True, torch.device("cpu")):
             tr = Trainer(cfg, root / "build")
         net = tr.method.inference_model()
