@@ -31,15 +31,21 @@ import torch
 import torch.nn.functional as F
 
 from semibench.method import Batch, StepInfo, make_hparams
-from semibench.methods._cdcl_losses import (MP, FeatureBank, contrastive_loss, flatten_pixels,
-                                            pixel_categories, push_banks)
-from semibench.model import build_model
+from semibench.methods._cdcl_losses import (
+    MP,
+    FeatureBank,
+    contrastive_loss,
+    flatten_pixels,
+    pixel_categories,
+    push_banks,
+)
+from semibench.network.model import build_model
 from semibench.registry import METHODS
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from tests.cdcl_reference import reference_l_contr  # noqa: E402
 from semibench.testing import FakeContext  # noqa: E402
+from tests.cdcl_reference import reference_l_contr  # noqa: E402
 
 
 def _load_bench_train():

@@ -1,6 +1,6 @@
 """Cost of the nucleus-level metrics (not a test): per test image, the instances of a predicted
 mask (8-connected components, or the distance-transform watershed) plus AJI, AJI+ and PQ
-against the ground-truth label map (``semibench.instances``), on one CPU thread.
+against the ground-truth label map (``semibench.evaluate.instances``), on one CPU thread.
 
 The "prediction" is the ground-truth mask dilated by one pixel (so touching nuclei merge, as a
 network's do), which gives the matching realistic work. Data: the prepared DSB 2018 test images
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from semibench.instances import dataset_scores, instance_scores, instances_from_mask, match
-from semibench.prepared import PreparedDataset
+from semibench.data.prepared import PreparedDataset
+from semibench.evaluate.instances import dataset_scores, instance_scores, instances_from_mask, match
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ Inputs:
   "jobs_per_gpu_speedup": {...}, "source": ...}`` (e.g. ``benchmarks/h200_reference.json``,
   transcribed from docs/results-gpu-dsb.md). Rows are taken at the config's backbone and input
   size on CUDA (``--backbone``/``--size``/``--device``/``--variant`` override);
-- each run's iteration count: the runs of the workflow config (``semibench.grid.all_runs``:
+- each run's iteration count: the runs of the workflow config (``semibench.workflow.grid.all_runs``:
   Table 1 and the ablation), the split files under its ``splits_dir`` and its ``train`` section
   (batches, ``iters_per_epoch``, epochs), computed as the engine computes them;
 - how k jobs share one GPU: the total throughput of k jobs over one job's, S(k)
@@ -92,9 +92,9 @@ def pass_ratios(methods: list[str], batch_labeled: int, batch_unlabeled: int) ->
 
 def run_iterations(config: dict) -> list[dict]:
     """Every run of the config with its iterations per epoch and epochs (as the engine counts)."""
-    from semibench.data import iterations_per_epoch, load_split, split_ids
-    from semibench.grid import all_runs
+    from semibench.data.loading import iterations_per_epoch, load_split, split_ids
     from semibench.registry import METHODS
+    from semibench.workflow.grid import all_runs
 
     t = config.get("train") or {}
     bl, bu = int(t.get("batch_labeled", 8)), int(t.get("batch_unlabeled", 8))

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from semibench.obtain import prepare
+from semibench.data.obtain import prepare
 
 REPO = Path(__file__).resolve().parent.parent
 

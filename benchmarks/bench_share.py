@@ -32,7 +32,7 @@ RECOMMEND_FRACTION = 0.95
 def worker(args) -> int:
     from bench_train import make_trainer
 
-    import semibench.progress as progress
+    import semibench.train.progress as progress
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -157,7 +157,8 @@ def main(argv=None) -> int:
             peak = f"{row['peak_mem_mb_max']:>8.0f}" if row["peak_mem_mb_max"] is not None else f"{'-':>8}"
             print(f"{k:>4} {row['total_img_per_s']:>11.1f} {row['per_job_img_per_s']:>8.1f} {vs} {peak}", flush=True)
         if args.json:
-            args.json.write_text(json.dumps({"rows": rows, "recommended_jobs_per_gpu": recommend(rows)}, indent=1) + "\n")
+            record = {"rows": rows, "recommended_jobs_per_gpu": recommend(rows)}
+            args.json.write_text(json.dumps(record, indent=1) + "\n")
     k = recommend(rows)
     print(f"recommended SEMIBENCH_JOBS_PER_GPU: {k if k is not None else '- (no measurement)'} "
           f"(smallest k within {RECOMMEND_FRACTION:.0%} of the best total)")

@@ -7,7 +7,7 @@ the labeled plus unlabeled images of a step (a labeled-only method counts its la
 only; CutMix-Seg counts both its unlabeled batches). cuDNN runs as in a run (``train.
 deterministic``, default true: deterministic algorithms, no autotuning).
 
-Variants of the execution options (semibench.execution), ``--variants``:
+Variants of the execution options (semibench.train.execution), ``--variants``:
 
 - ``off``: the engine before them: fp16 autocast with a GradScaler, NCHW, plain Adam, eager,
   and the losses read (a host synchronisation) after every step;
@@ -51,11 +51,11 @@ from pathlib import Path
 
 import torch
 
-import semibench.progress as progress
+import semibench.train.progress as progress
 from semibench.config import RunConfig, TrainConfig
-from semibench.data import ImageSet, TrainData
-from semibench.engine import Trainer, determinism
+from semibench.data.loading import ImageSet, TrainData
 from semibench.registry import METHODS
+from semibench.train.engine import Trainer, determinism
 
 VARIANTS = {  # train.<key> values of each variant (see the module docstring)
     "off": dict(precision="fp16", channels_last=False, fused_adam=False, compile=False),
@@ -158,7 +158,7 @@ def bench_one(method: str, backbone: str, size: int, device: str, batch_labeled:
         peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _cpu_peak_mb()
         row = {"method": method, "backbone": backbone, "size": size, "device": str(dev), "variant": variant,
                "batch": f"{batch_labeled}+{tr.batches.n_unlabeled_batches}x{batch_unlabeled}"
-                        if tr.batches.n_unlabeled_batches > 1 else f"{batch_labeled}+{batch_unlabeled if tr.batches.views is not None else 0}",
+                        if tr.batches.n_unlabeled_batches > 1 else f"{batch_labeled}+{batch_unlabeled if tr.batches.views is not None else 0}",  # noqa: E501
                "images_per_step": tr.images_per_step, "steps": steps,
                "step_ms": 1000 * dt / steps, "img_per_s": tr.images_per_step * steps / dt, "peak_mem_mb": peak,
                "build_s": build_s, "warmup_s": warmup_s, "warmup_steps": warmup,

@@ -296,6 +296,7 @@ def grid_prediction(out: Path, bench_rows: list[dict], share: dict | None, plan:
     """bench_grid on the paper's grid (config/config.yaml) from the best variant measured here."""
     sys.path.insert(0, str(BENCH))
     import bench_grid
+
     from semibench.config import load_workflow_config
 
     config = load_workflow_config([REPO / "config" / "config.yaml"])
@@ -304,7 +305,8 @@ def grid_prediction(out: Path, bench_rows: list[dict], share: dict | None, plan:
     rows = (share or {}).get("rows") or []
     one = next((r for r in rows if r.get("jobs") == 1 and r.get("total_img_per_s")), None)
     if one:
-        speedups.update({r["jobs"]: r["total_img_per_s"] / one["total_img_per_s"] for r in rows if r.get("total_img_per_s")})
+        speedups.update({r["jobs"]: r["total_img_per_s"] / one["total_img_per_s"]
+                         for r in rows if r.get("total_img_per_s")})
     k = (share or {}).get("recommended_jobs_per_gpu") or 1
     per_variant = {v: bench_grid.step_seconds(bench_rows, plan.backbone, plan.size, plan.device, v)
                    for v in ("off", "defaults", "on")}
@@ -367,7 +369,8 @@ def write_summary(out: Path, work: Path, plan: Plan, runner: Runner, args) -> st
           "defaults: precision auto (bf16 where native), channels-last, fused Adam, losses read every 25 steps; "
           "on: defaults + torch.compile (its compilation is in 'warm s'). The EMA multi-tensor update and the "
           "pinned copies are not options: 'off' has them too.", "",
-          "| method | variant | ms/step | img/s | peak MB | vs sup | flops ratio | passes | TFLOP/s | vs off | warm s |",
+          "| method | variant | ms/step | img/s | peak MB | vs sup | flops ratio | passes | TFLOP/s | vs off "
+          "| warm s |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in bench_rows:
         if "error" in r:
@@ -404,7 +407,8 @@ def write_summary(out: Path, work: Path, plan: Plan, runner: Runner, args) -> st
             L.append(f"| {name} | {ex.get('precision')}, cl={ex.get('channels_last')}, fused={ex.get('fused_adam')}, "
                      f"compile={ex.get('compile')} | {', '.join(f'{v:.4f}' for v in r['val_dice']) or '-'} | "
                      f"{_fmt(r['test_dice'], '.4f')} | {', '.join(map(str, r['train_s'])) or '-'} |")
-        L += ["", "| epoch | mean off | mean on | on − off | seed spread | within spread |", "|---|---|---|---|---|---|"]
+        L += ["", "| epoch | mean off | mean on | on − off | seed spread | within spread |",
+              "|---|---|---|---|---|---|"]
         for a in dsb["agreement"]:
             L.append(f"| {a['epoch']} | {a['mean_off']:.4f} | {a['mean_on']:.4f} | {a['difference']:+.4f} | "
                      f"{a['seed_spread']:.4f} | {'yes' if a['within_spread'] else 'NO'} |")
@@ -492,7 +496,8 @@ def main(argv=None) -> int:
                           "--backbone", plan.backbone, "--size", str(plan.size), "--batch", *map(str, plan.batch),
                           "--jobs", *map(str, plan.share_jobs), "--seconds", str(plan.share_seconds),
                           "--variant", plan.share_variant, "--warmup", str(plan.warmup), *threads,
-                          "--ready-timeout", str(max(30, int(runner.remaining() / 3))), "--json", str(work / "share.json")],
+                          "--ready-timeout", str(max(30, int(runner.remaining() / 3))),
+                          "--json", str(work / "share.json")],
         "dsb": lambda: [py, me, "--stage", "dsb", "--work", str(work), *(["--cpu-smoke"] if args.cpu_smoke else []),
                         *(["--compile-on"] if _compiled(work, plan.dsb_method) else [])],
     }

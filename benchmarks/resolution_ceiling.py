@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from semibench.data import load_split
-from semibench.prepared import PreparedDataset
+from semibench.data.loading import load_split
+from semibench.data.prepared import PreparedDataset
 
 
 def ceiling(mask: np.ndarray, side: int) -> tuple[int, int, int]:

@@ -11,7 +11,7 @@ not overlap; if some did, the later mask would keep the shared pixels. An all-ze
 Split policy: 7 : 1 : 2 of the 670 images (469 / 67 / 134).
 
 Config keys (``datasets.dsb2018``): ``archive``, ``sha256``, ``url``, ``download_timeout``,
-``workers`` -- see :mod:`semibench.obtain`.
+``workers`` -- see :mod:`semibench.data.obtain`.
 """
 from __future__ import annotations
 
@@ -22,12 +22,21 @@ from typing import Mapping
 
 import numpy as np
 
+from semibench.data.obtain import (
+    ArchiveSpec,
+    Recipe,
+    SampleRef,
+    cached_zip,
+    crc_check_zip,
+    open_image,
+    open_zip,
+    parallel_map,
+    read_member,
+)
+from semibench.data.prepared import PreparedWriter
+from semibench.data.splits import SplitPolicy
 from semibench.errors import DataError
-from semibench.obtain import (ArchiveSpec, Recipe, SampleRef, cached_zip, crc_check_zip,
-                              open_image, open_zip, parallel_map, read_member)
-from semibench.prepared import PreparedWriter
 from semibench.registry import register_dataset
-from semibench.splits import SplitPolicy
 
 ARCHIVE = ArchiveSpec("stage1_train.zip", "https://data.broadinstitute.org/bbbc/BBBC038/stage1_train.zip",
                       sha256=None, kind="http")
@@ -121,7 +130,7 @@ class DSB2018(Recipe):
                                 f"expected {self.expected_images}")
             sizes: Counter = Counter()
             n_masks = 0
-            for iid, (image_member, mask_members) in layout.items():
+            for _iid, (image_member, mask_members) in layout.items():
                 w, h = png_size(_header(zf, path, image_member), path, image_member)
                 sizes[f"{h}x{w}"] += 1
                 for m in mask_members:

@@ -36,7 +36,7 @@ Split policy: 6 of the 30 training images (round(0.2·30)) to val as whole image
 official test images are the test set.
 
 Config keys (``datasets.monuseg``): ``archive`` (a directory or {file name: path}), ``sha256``
-and ``url`` ({file name: value}), ``download_timeout``, ``workers`` -- see :mod:`semibench.obtain`.
+and ``url`` ({file name: value}), ``download_timeout``, ``workers`` -- see :mod:`semibench.data.obtain`.
 """
 from __future__ import annotations
 
@@ -50,13 +50,22 @@ from xml.parsers import expat
 import numpy as np
 from PIL import Image
 
+from semibench.data.obtain import (
+    ArchiveSpec,
+    Recipe,
+    SampleRef,
+    cached_zip,
+    crc_check_zip,
+    open_image,
+    open_zip,
+    parallel_map,
+    read_member,
+)
+from semibench.data.prepared import PreparedWriter
+from semibench.data.splits import SplitPolicy
+from semibench.data.tiling import tile_grid, tile_id
 from semibench.errors import DataError
-from semibench.obtain import (ArchiveSpec, Recipe, SampleRef, cached_zip, crc_check_zip,
-                              open_image, open_zip, parallel_map, read_member)
-from semibench.prepared import PreparedWriter
 from semibench.registry import register_dataset
-from semibench.splits import SplitPolicy
-from semibench.tiling import tile_grid, tile_id
 
 TRAIN = ArchiveSpec("MoNuSeg 2018 Training Data.zip",
                     "https://drive.google.com/uc?export=download&id=1ZgqFJomqQGNnsx7w7QBzQQMVA16lbVCA",
@@ -103,7 +112,7 @@ def parse_regions(data: bytes, where: str) -> list[np.ndarray]:
     polygons = [xy[bounds[i]:bounds[i + 1]] for i in range(len(starts))]
     skipped = sum(len(p) == 0 for p in polygons)
     if skipped:
-        warnings.warn(f"{where}: skipped {skipped} Region(s) without vertices")
+        warnings.warn(f"{where}: skipped {skipped} Region(s) without vertices", stacklevel=2)
     return [p for p in polygons if len(p)]
 
 
@@ -285,7 +294,7 @@ class MoNuSeg(Recipe):
             h, w = label.shape
             n_instances = int(np.count_nonzero(np.bincount(label.ravel())[1:]))
             if n_instances != n_regions:
-                warnings.warn(f"{iid}: {n_regions} regions gave {n_instances} instances")
+                warnings.warn(f"{iid}: {n_regions} regions gave {n_instances} instances", stacklevel=2)
             writer.add_image(iid, h, w, n_instances, subset)
             for t in tile_grid(h, w, self.tile_size):
                 tile_label = renumber(t.cut(label))

@@ -34,11 +34,11 @@ from typing import Mapping
 import numpy as np
 from scipy import ndimage
 
+from semibench.data.obtain import Recipe, SampleRef, parallel_map
+from semibench.data.prepared import PreparedWriter
+from semibench.data.splits import SplitPolicy
 from semibench.errors import ConfigError
-from semibench.obtain import Recipe, SampleRef, parallel_map
-from semibench.prepared import PreparedWriter
 from semibench.registry import register_dataset
-from semibench.splits import SplitPolicy
 
 GENERATOR_VERSION = 1  # bump when the images a (seed, index) gives change
 STYLES = ("fluorescence", "he")

@@ -5,12 +5,12 @@ One network (the shared DenseUNet: extractor at 1/4, classifier, projector at 1/
 Per step, besides L_s = CE on the labeled batch:
 
 - two crops of each unlabeled image (the engine's ``"two_crops"`` views with ``stride`` 8 and
-  IoU in [0.1, 1.0], see :func:`semibench.augment.sample_crop_pair`), each with its own flips
+  IoU in [0.1, 1.0], see :func:`semibench.data.augment.sample_crop_pair`), each with its own flips
   and photometric changes;
 - per crop: f = avg-pool₂(extractor) (1/8), z = normalize(projector(features)) (1/8), and
   pseudo-labels ŷ and confidences κ from the classifier run on f (the pooled 1/8 features,
   dropout active as in training), detached;
-- z, ŷ, κ are flipped back (:func:`semibench.augment.undo_flips`) and the overlap boxes,
+- z, ŷ, κ are flipped back (:func:`semibench.data.augment.undo_flips`) and the overlap boxes,
   multiples of 8, sliced at ``box // 8`` (:func:`overlap`): aligned anchors o1, o2;
 - negatives: ``selected_frac`` · B·h·w positions per view, drawn without replacement from the
   whole 1/8 maps, detached, pushed into a bank that keeps the last ``step_save + 1`` steps;
@@ -57,7 +57,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from semibench.augment import undo_flips
+from semibench.data.augment import undo_flips
 from semibench.errors import ConfigError, TrainingError
 from semibench.losses import supervised_loss
 from semibench.method import Batch, Method, MethodContext, StepInfo, batch_statistics_only
@@ -95,7 +95,7 @@ def overlap(x: torch.Tensor, box: torch.Tensor, stride: int = STRIDE) -> torch.T
     if bool((box % stride != 0).any()):
         raise TrainingError(f"cac: overlap boxes must be multiples of {stride}, got {box.tolist()}")
     b = (box // stride).tolist()
-    return torch.cat([x[i, :, t:bb, l:r].flatten(1).t() for i, (t, l, bb, r) in enumerate(b)])
+    return torch.cat([x[i, :, t:bb, lf:r].flatten(1).t() for i, (t, lf, bb, r) in enumerate(b)])
 
 
 def directional_masks(k1: torch.Tensor, k2: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:

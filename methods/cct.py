@@ -54,7 +54,7 @@ from semibench.errors import ConfigError, TrainingError
 from semibench.losses import softmax_mse, supervised_loss
 from semibench.method import Batch, Method, MethodContext, StepInfo
 from semibench.methods import _cct_perturbations as P
-from semibench.model import Classifier
+from semibench.network.model import Classifier
 from semibench.registry import register_method
 
 # aux head kinds in the official construction order (models/model.py CCT.__init__)

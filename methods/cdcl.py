@@ -49,10 +49,19 @@ from semibench.errors import ConfigError
 from semibench.losses import cross_entropy
 from semibench.method import Batch, Method, MethodContext, StepInfo
 from semibench.registry import register_method
-from semibench.schedules import gaussian_rampup
+from semibench.train.schedules import gaussian_rampup
 
-from ._cdcl_losses import (BankEntries, FeatureBank, consistency_loss, contrastive_loss, entropy_loss,
-                           flatten_pixels, pixel_categories, pseudo_labels, push_banks)
+from ._cdcl_losses import (
+    BankEntries,
+    FeatureBank,
+    consistency_loss,
+    contrastive_loss,
+    entropy_loss,
+    flatten_pixels,
+    pixel_categories,
+    pseudo_labels,
+    push_banks,
+)
 
 
 @dataclass

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semibench.augment import gaussian_blur
+from semibench.data.augment import gaussian_blur
 from semibench.errors import ConfigError, TrainingError
 from semibench.losses import cross_entropy
 from semibench.method import Batch, Method, MethodContext, StepInfo

@@ -61,7 +61,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from semibench.data import IMAGENET_STD
+from semibench.data.loading import IMAGENET_STD
 from semibench.errors import ConfigError, TrainingError
 from semibench.losses import flip_rot, flip_rot_inverse, sample_flip_rot, softmax_mse, supervised_loss
 from semibench.method import Batch, Method, MethodContext, StepInfo, ema_teacher_from_hparams

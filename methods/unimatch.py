@@ -61,8 +61,15 @@ from semibench.losses import cross_entropy, pseudo_labels, supervised_loss
 from semibench.method import Batch, Method, MethodContext, StepInfo
 from semibench.registry import register_method
 
-from ._weak_to_strong import (WeakToStrongHparams, confident_fraction, confident_loss,
-                              cutmix_strong_view, mix_pseudo_labels, pasted_targets, unlabeled_and_mix)
+from ._weak_to_strong import (
+    WeakToStrongHparams,
+    confident_fraction,
+    confident_loss,
+    cutmix_strong_view,
+    mix_pseudo_labels,
+    pasted_targets,
+    unlabeled_and_mix,
+)
 
 
 @dataclass

@@ -10,13 +10,13 @@ from snakemake.utils import validate
 
 from semibench.config import RunConfig
 from semibench.errors import ConfigError
-from semibench.grid import all_runs
-from semibench.grid import check_names as _check_names
+from semibench.workflow.grid import all_runs
+from semibench.workflow.grid import check_names as _check_names
 from semibench.layout import LOGS_DIR, RUNS_DIR
 from semibench.layout import RUN_DIR as RUN_KEY
 from semibench.layout import SPLIT_FILE, SPLIT_KEY
 from semibench.method import make_hparams, resolved_hparams
-from semibench.obtain import get_recipe
+from semibench.data.obtain import get_recipe
 from semibench.registry import DATASETS, METHODS
 
 
@@ -52,7 +52,7 @@ wildcard_constraints:
 
 
 def _all_runs():
-    return all_runs(config)  # semibench/grid.py: the same run list as `semibench status`
+    return all_runs(config)  # semibench/workflow/grid.py: the same run list as `semibench status`
 
 
 def _check_params(runs):

@@ -1,4 +1,4 @@
-# Training and evaluation: one GPU each (the job takes a free GPU id itself, semibench/gpu.py).
+# Training and evaluation: one GPU each (the job takes a free GPU id itself, semibench/workflow/gpu.py).
 
 
 rule train:

@@ -1,5 +1,6 @@
 """semibench: a reproducible benchmark for semi-supervised nuclei segmentation."""
 
+import importlib
 import importlib.abc
 import importlib.util
 import sys
@@ -40,3 +41,35 @@ def _map_source_tree() -> None:
 
 
 _map_source_tree()
+
+
+# Import paths that docs before the stage folders showed plugin authors (a dataset recipe's base
+# class and writer); they stay valid as aliases of the moved modules, the same module objects.
+PLUGIN_ALIASES = {
+    "semibench.obtain": "semibench.data.obtain",
+    "semibench.prepared": "semibench.data.prepared",
+}
+
+
+class _AliasLoader(importlib.abc.Loader):
+    def __init__(self, target: str):
+        self.target = target
+
+    def create_module(self, spec):
+        module = importlib.import_module(self.target)
+        self.own_spec = module.__spec__
+        return module
+
+    def exec_module(self, module):
+        module.__spec__ = self.own_spec  # import set it to the alias's; the module ran already
+
+
+class _AliasFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in PLUGIN_ALIASES:
+            return None
+        return importlib.util.spec_from_loader(fullname, _AliasLoader(PLUGIN_ALIASES[fullname]))
+
+
+if not any(isinstance(f, _AliasFinder) for f in sys.meta_path):
+    sys.meta_path.append(_AliasFinder())

@@ -1,6 +1,6 @@
 """`python -m semibench` is the `semibench` command."""
 import sys
 
-from .cli import main
+from semibench.cli import main
 
 sys.exit(main())

@@ -22,11 +22,11 @@ from typing import Callable
 
 import torch
 
-from .contract import method_class
-from .engine import Trainer, determinism, train
-from .errors import ConfigError, SemibenchError, describe, first_line
-from .evaluate import evaluate_run
-from .testing import first_difference, toy_config, write_toy_dataset
+from semibench.contract import method_class
+from semibench.errors import ConfigError, SemibenchError, describe, first_line
+from semibench.evaluate.score import evaluate_run
+from semibench.testing import first_difference, toy_config, write_toy_dataset
+from semibench.train.engine import Trainer, determinism, train
 
 CHECK_RATIO = 2  # half the toy training images labeled
 

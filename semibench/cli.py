@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .errors import ConfigError, SemibenchError
-from .layout import RUNS_DIR, SPLITS_DIR, run_dir, run_key, split_path
+from semibench.errors import ConfigError, SemibenchError
+from semibench.layout import RUNS_DIR, SPLITS_DIR, run_dir, run_key, split_path
 
 EXIT_ERROR = 2
 
@@ -22,7 +22,7 @@ EXIT_ERROR = 2
 
 def _workflow_config(args) -> dict:
     """--config files in order, then --config-json fragments, deep-merged like Snakemake does."""
-    from .config import deep_merge, load_workflow_config
+    from semibench.config import deep_merge, load_workflow_config
 
     cfg = load_workflow_config(args.config or [])
     for text in args.config_json or []:
@@ -41,7 +41,7 @@ def _data_dir(args, cfg: dict) -> Path:
 
 
 def _dataset_options(cfg: dict, name: str) -> dict:
-    from .registry import DATASETS
+    from semibench.registry import DATASETS
 
     DATASETS.get(name)  # unknown name -> ConfigError listing the known ones
     return dict((cfg.get("datasets") or {}).get(name) or {})
@@ -49,8 +49,8 @@ def _dataset_options(cfg: dict, name: str) -> dict:
 
 def check_ratio(method: str, ratio: int) -> None:
     """``ratio`` is an integer k >= 1 (1/k labeled: stored in the split file or derived nested in
-    it, :func:`semibench.splits.labeled_subset`) and fits the method."""
-    from .registry import METHODS
+    it, :func:`semibench.data.splits.labeled_subset`) and fits the method."""
+    from semibench.registry import METHODS
 
     if ratio < 1:
         raise ConfigError(f"label ratio must be an integer k >= 1 (1/k labeled), got {ratio}")
@@ -76,16 +76,16 @@ def _set_threads(n: int | None) -> None:
 
 def cmd_names(registry_name: str) -> Callable:
     def run(args) -> None:
-        from . import registry
+        from semibench import registry
         for name in getattr(registry, registry_name).names():
             print(name)
     return run
 
 
 def cmd_data_step(step: str) -> Callable:
-    """obtain / verify / prepare: same arguments, one function each in semibench.obtain."""
+    """obtain / verify / prepare: same arguments, one function each in semibench.data.obtain."""
     def run(args) -> None:
-        from . import obtain as obtain_module
+        from semibench.data import obtain as obtain_module
 
         cfg = _workflow_config(args)
         options = _dataset_options(cfg, args.dataset)
@@ -97,7 +97,7 @@ def cmd_data_step(step: str) -> Callable:
 
 
 def cmd_split(args) -> None:
-    from .splits import write_split
+    from semibench.data.splits import write_split
 
     cfg = _workflow_config(args)
     _dataset_options(cfg, args.dataset)
@@ -106,9 +106,9 @@ def cmd_split(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from . import gpu
-    from .config import RunConfig
-    from .registry import DATASETS, METHODS
+    from semibench.config import RunConfig
+    from semibench.registry import DATASETS, METHODS
+    from semibench.workflow import gpu
 
     cfg = _workflow_config(args)
     if args.data_dir:
@@ -122,14 +122,14 @@ def cmd_train(args) -> None:
                                    cfg.get("runs_dir", RUNS_DIR)))
     slot = gpu.claim_for(device)  # before torch touches CUDA; held until the process exits
     _set_threads(step_threads(args.threads, cfg, "train"))
-    from .engine import train
+    from semibench.train.engine import train
     print(train(run_cfg, out))
     del slot
 
 
 def cmd_check_method(args) -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")  # the stage lines are the progress
-    from .checkmethod import check_method
+    from semibench.checkmethod import check_method
 
     _set_threads(args.threads)
     t0 = time.perf_counter()
@@ -138,14 +138,14 @@ def cmd_check_method(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from . import gpu
+    from semibench.workflow import gpu
 
     run_dir = Path(args.run)
-    # instance options only when given: the defaults live in semibench.evaluate
+    # instance options only when given: the defaults live in semibench.evaluate.score
     opts = {k: v for k, v in (("instances", args.instances), ("min_object_size", args.min_object_size))
             if v is not None}
     if args.metrics_only:  # from the saved predictions: no model, no GPU
-        from .evaluate import rescore_run
+        from semibench.evaluate.score import rescore_run
         result = rescore_run(run_dir, **opts)
         print(json.dumps({k: result[k] for k in ("pooled", "per_image_mean", "dataset_level")},
                          indent=1))
@@ -156,7 +156,7 @@ def cmd_evaluate(args) -> None:
         device = json.loads(config_file.read_text()).get("device", "auto")
     slot = gpu.claim_for(device or "auto")
     _set_threads(args.threads)
-    from .evaluate import evaluate_run
+    from semibench.evaluate.score import evaluate_run
     result = evaluate_run(run_dir, device=args.device, **opts)
     print(json.dumps({k: result[k] for k in ("pooled", "per_image_mean") if k in result}, indent=1))
     del slot
@@ -165,7 +165,7 @@ def cmd_evaluate(args) -> None:
 def cmd_report(args) -> None:
     """Tables, statistics and figures from whatever runs exist: missing cells are marked, not
     fatal (``--strict``: a comparison that cannot be paired is an error)."""
-    from .report import build
+    from semibench.report import build
 
     files = [Path(f) for f in args.metrics or []]
     for pattern in args.runs or []:
@@ -192,10 +192,10 @@ def cmd_report(args) -> None:
         comparisons = build.read_comparisons(out / "stats" / "comparisons.csv")
         written += build.write_tables(results, plan, out / "tables", comparisons)
     if "figures" in steps:
-        from .report import figures
+        from semibench.report import figures
         written += figures.write_figures(results, plan, out / "stats", out / "figures", cfg)
     if args.step == "features":  # Figure 4 needs model inference: only when asked for
-        from .report import features
+        from semibench.report import features
         written += features.write_feature_maps(results, plan, out / "figures", args.threads)
     for path in written:
         print(path)
@@ -204,8 +204,8 @@ def cmd_report(args) -> None:
 def cmd_status(args) -> None:
     """Where the configured grid stands: config/config.yaml, then --config files in order (as the
     workflow merges --configfile), then --config-json."""
-    from .config import SCHEMA_PATH
-    from .status import format_text, grid_status
+    from semibench.config import SCHEMA_PATH
+    from semibench.workflow.status import format_text, grid_status
 
     base = Path("config/config.yaml")
     if not base.exists():  # outside the workflow directory: the package's own defaults
@@ -219,7 +219,7 @@ def cmd_status(args) -> None:
 
 
 def cmd_gpu_slot(args) -> None:
-    from . import gpu
+    from semibench.workflow import gpu
 
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     gpu.run_in_slot(cmd, wait=not args.no_wait, timeout=args.timeout)
@@ -237,7 +237,7 @@ def _config_args(p: argparse.ArgumentParser, data_dir: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from semibench import __version__
 
     parser = argparse.ArgumentParser(
         prog="semibench",

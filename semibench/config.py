@@ -14,7 +14,7 @@ still sets it is refused: at the workflow's dry run by the schema ("Additional p
 allowed ('num_workers' was unexpected)"), by ``semibench train`` with a line saying to delete
 it. A ``config.json`` written by an older version is still read (the key is dropped), so such a
 run directory is refused by its differing keys rather than by a traceback.
-``train.amp`` was replaced by ``train.precision`` (:mod:`semibench.execution`): a config that
+``train.amp`` was replaced by ``train.precision`` (:mod:`semibench.train.execution`): a config that
 sets it is refused with the replacement named; a ``config.json`` that holds it reads as the
 precision it meant (true: fp16 autocast on CUDA, false: fp32).
 
@@ -34,7 +34,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import ConfigError
+from semibench.errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.json"
 
@@ -81,7 +81,7 @@ class TrainConfig:
     poly_power: float = 0.9
     unsup_start_epoch: int = 5  # 0-based: unsupervised losses from the 6th epoch on
     ema_alpha: float = 0.999
-    # execution options (semibench.execution): how, not what; outside the fingerprint
+    # execution options (semibench.train.execution): how, not what; outside the fingerprint
     precision: str = "auto"  # auto | bf16 | fp16 | fp32; CUDA only (auto: bf16 where native, else fp16)
     channels_last: bool = True  # CUDA only
     fused_adam: bool = True  # CUDA only
@@ -89,11 +89,11 @@ class TrainConfig:
     iters_per_epoch: int | None = None  # None: one pass over the unlabeled set
     eval_batch_size: int = 8
     deterministic: bool = True
-    # overrides of semibench.augment.AugmentConfig (the paper gives no magnitudes; ours are there)
+    # overrides of semibench.data.augment.AugmentConfig (the paper gives no magnitudes; ours are there)
     augment: dict[str, Any] = field(default_factory=dict)
 
 
-# how a run is computed, not what (semibench.execution): outside the fingerprint, like the device
+# how a run is computed, not what (semibench.train.execution): outside the fingerprint, like the device
 EXECUTION_KEYS = ("precision", "channels_last", "fused_adam", "compile")  # train.<key>
 LEGACY_EXECUTION_KEYS = ("amp",)  # in fingerprints written before train.precision
 
@@ -135,7 +135,7 @@ class RunConfig:
         unknown = sorted(set(train_cfg) - train_keys)
         if unknown:
             raise ConfigError(f"unknown train option(s): {', '.join(unknown)}; known: {', '.join(sorted(train_keys))}")
-        from .augment import augment_config  # checks train.augment at dry run; imports torch
+        from semibench.data.augment import augment_config  # checks train.augment at dry run; imports torch
         augment_config(train_cfg.get("augment"))
         params = dict((cfg.get("method_params") or {}).get(method, {}) or {})
         return cls(dataset=dataset, method=method, ratio=int(ratio), seed=int(seed),
@@ -146,8 +146,8 @@ class RunConfig:
     def resolved(self) -> "RunConfig":
         """A copy whose ``method_params`` are the method's complete hyperparameters (defaults
         plus these overrides; unknown keys are errors). Idempotent."""
-        from .method import resolved_hparams  # the registry imports the methods (and torch)
-        from .registry import METHODS
+        from semibench.method import resolved_hparams  # the registry imports the methods (and torch)
+        from semibench.registry import METHODS
         params = resolved_hparams(METHODS.get(self.method), self.method_params)
         return dataclasses.replace(self, method_params=params)
 

@@ -9,7 +9,7 @@ so that a method that breaks it fails with one line naming what to change, never
   classes, built by ``ctx.build_segmenter()`` (or its EMA teacher), so the evaluation, which
   rebuilds a stock DenseUNet from ``best.pt``, can load it.
 
-The unlabeled views a method receives are exactly its view kind's keys (``semibench.augment``),
+The unlabeled views a method receives are exactly its view kind's keys (``semibench.data.augment``),
 so a method does not check them itself.
 """
 from __future__ import annotations
@@ -19,12 +19,12 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from .augment import VIEW_KINDS, view_options_of
-from .errors import ConfigError
-from .context import EngineContext
-from .method import Method, check_method_class, make_hparams
-from .model import DenseUNet
-from .registry import METHODS
+from semibench.data.augment import VIEW_KINDS, view_options_of
+from semibench.errors import ConfigError
+from semibench.method import Method, check_method_class, make_hparams
+from semibench.network.model import DenseUNet
+from semibench.registry import METHODS
+from semibench.train.context import EngineContext
 
 
 def method_class(name: str) -> type:
@@ -43,7 +43,8 @@ def method_class(name: str) -> type:
         unknown = sorted(set(cls.view_options) - accepted)
         if unknown:
             raise ConfigError(f"method {name!r} declares view_options {', '.join(unknown)} that view kind "
-                              f"{cls.unlabeled_views!r} does not take; it takes: {', '.join(sorted(accepted)) or 'none'}")
+                              f"{cls.unlabeled_views!r} does not take; it takes: "
+                              f"{', '.join(sorted(accepted)) or 'none'}")
     return cls
 
 

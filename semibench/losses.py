@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .execution import to_device  # CPU-drawn boxes and flips to the GPU without a host sync
+from semibench.train.execution import to_device  # CPU-drawn boxes and flips to the GPU without a host sync
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

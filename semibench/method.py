@@ -11,7 +11,7 @@ How the planned methods fit:
   ``SegOutput.features``; give them to ``ctx.add_optimizer``.
 - an EMA teacher: ``self.teacher = ctx.ema_of(self.student)``; the engine updates it after each
   optimiser step. Per-method teacher settings (keyword arguments of ``ema_of``, see
-  :mod:`semibench.ema`): ``alpha`` (default the run's ``train.ema_alpha``), ``average_buffers``
+  :mod:`semibench.train.ema`): ``alpha`` (default the run's ``train.ema_alpha``), ``average_buffers``
   (True: BN running statistics averaged like the weights; False: parameters only),
   ``warmup`` (α_t = min(1 − 1/(t+1), α), t the 0-based global iteration) and ``mode``
   (``"eval"``: the teacher always predicts as at test time; ``"train"``: it follows the method's
@@ -27,7 +27,7 @@ How the planned methods fit:
   epoch, iteration, j), so runs and resumes stay reproducible. The img/s and the images counted
   in ``train_done.json`` include all n batches.
 - method-specific unlabeled views: the class attribute ``unlabeled_views`` names a view kind
-  built by ``semibench.augment`` (``"weak_strong"``: pixel-aligned weak and strong views, with
+  built by ``semibench.data.augment`` (``"weak_strong"``: pixel-aligned weak and strong views, with
   ``view_options = {"strong_views": n}`` n independent strong views ``strong``, ``strong_2``, …;
   ``"single"``; ``"two_crops"``: two overlapping crops, their flips and overlap boxes).
   ``view_options`` passes keyword options to the view kind (CAC: ``{"stride": 8, "iou": (0.1,
@@ -50,7 +50,7 @@ How the planned methods fit:
   batch's statistics and leaves the BatchNorm running statistics as they were.
 - feature perturbation (UniMatch): ``net(x, feature_dropout=p)`` of a segmenter also returns
   ``fp_logits``, the decoder's output on channel-dropped encoder features, decoded in one batch
-  with the clean ones (:class:`semibench.model.DenseUNet`).
+  with the clean ones (:class:`semibench.network.model.DenseUNet`).
 - resolved hyperparameters: every run records its method's *complete* hyperparameters (the
   dataclass defaults merged with the config's overrides, :func:`resolved_hparams`) in
   ``config.json``, the resume fingerprint, ``train_done.json``/``metrics.json`` meta and the
@@ -66,7 +66,7 @@ How the planned methods fit:
   also logs (``val_dice/<name>`` in the ``"epoch"`` lines of ``train.jsonl``); model selection
   and ``best.pt`` stay with ``inference_model()``.
 
-Update steps (:class:`semibench.update.Update`). ``ctx.add_optimizer(params, name="main",
+Update steps (:class:`semibench.train.update.Update`). ``ctx.add_optimizer(params, name="main",
 **adam_options)`` registers a named Adam (default lr: the run's ``train.lr``; a method may pass
 its own ``lr``, ``betas``, ...). Every optimiser is poly-scheduled from its own initial lr and
 checkpointed under its name; a method never zeroes, steps or schedules one itself, and an
@@ -101,8 +101,8 @@ from typing import Any, ClassVar, Iterator, Mapping
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .schedules import gaussian_rampup
+from semibench.errors import ConfigError
+from semibench.train.schedules import gaussian_rampup
 
 
 @dataclass

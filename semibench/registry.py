@@ -22,7 +22,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable, Generic, Iterator, TypeVar
 
-from .errors import ConfigError, describe
+from semibench.errors import ConfigError, describe
 
 T = TypeVar("T")
 DECLARED = "REGISTERED_NAMES"

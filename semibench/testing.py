@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import RunConfig, TrainConfig
-from .context import EngineContext
-from .layout import split_path
-from .prepared import PreparedWriter
+from semibench.config import RunConfig, TrainConfig
+from semibench.data.prepared import PreparedWriter
+from semibench.layout import split_path
+from semibench.train.context import EngineContext
 
 TOY = "toy"
 

@@ -74,8 +74,8 @@ def reference_l_contr(q_proj, t_proj, q_labels, t_labels, previous=(), *, patche
             if pixel_negatives:  # eq. 9: J(q, k−) = 1{ỹ_q ≠ ỹ_k−}
                 mask = mask * (y_q[:, None] != key_labels[None, :]).to(mask.dtype)
             mask = mask * (q_pixel[:, None] != key_owner[None, :]).to(mask.dtype)  # k+ is no negative
-            l = -torch.log(s_pos / (s_pos + (mask * s_neg).sum(1)))  # eq. 7
-            patch_losses.append(l.mean())  # eq. 10
+            loss_i = -torch.log(s_pos / (s_pos + (mask * s_neg).sum(1)))  # eq. 7
+            patch_losses.append(loss_i.mean())  # eq. 10
     if not patch_losses:
         return q_proj.sum() * 0.0
     return torch.stack(patch_losses).mean()  # eq. 11–12

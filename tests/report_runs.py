@@ -1,4 +1,4 @@
-"""Hand-made run directories for the report's tests: what semibench.evaluate writes, with
+"""Hand-made run directories for the report's tests: what semibench.evaluate.score writes, with
 per-image Dice chosen by the test."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ CONFIG = {
 
 def write_run(root: Path, dataset, method, ratio, seed, dice: np.ndarray, extra=None,
               source_ids=None, meta=True) -> Path:
-    """A run directory as semibench.evaluate writes it: per-image Dice `dice`, the other pixel
+    """A run directory as semibench.evaluate.score writes it: per-image Dice `dice`, the other pixel
     metrics 0.5 (accuracy 0.9), metrics.json means of those."""
     run = root / dataset / method / f"r{ratio}" / f"seed{seed}"
     run.mkdir(parents=True, exist_ok=True)

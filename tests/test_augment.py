@@ -4,10 +4,22 @@ from dataclasses import replace
 import pytest
 import torch
 
-from semibench.augment import (AugmentConfig, PhotometricParams, augment_labeled, gaussian_blur,
-                               gaussian_kernels, make_views, normalise, photometric, sample_affine,
-                               sample_crop_pair, two_crop_size, undo_flips, warp)
-from semibench.data import IMAGENET_MEAN, IMAGENET_STD, make_generator
+from semibench.data.augment import (
+    AugmentConfig,
+    PhotometricParams,
+    augment_labeled,
+    gaussian_blur,
+    gaussian_kernels,
+    make_views,
+    normalise,
+    photometric,
+    sample_affine,
+    sample_crop_pair,
+    two_crop_size,
+    undo_flips,
+    warp,
+)
+from semibench.data.loading import IMAGENET_MEAN, IMAGENET_STD, make_generator
 from semibench.errors import ConfigError
 
 NO_GEO = AugmentConfig(hflip_p=0.0, vflip_p=0.0, crop_scale=(1.0, 1.0), rotation_deg=0.0)
@@ -222,7 +234,7 @@ def test_generator_helper_is_stable():
 
 
 def test_augment_config_applies_overrides_and_refuses_bad_values():
-    from semibench.augment import augment_config
+    from semibench.data.augment import augment_config
     assert augment_config(None) == AugmentConfig() == augment_config({})
     cfg = augment_config({"rotation_deg": 0, "crop_scale": [1, 1], "hflip_p": 1, "labeled_photometric": False})
     assert cfg == replace(AugmentConfig(), rotation_deg=0.0, crop_scale=(1.0, 1.0), hflip_p=1.0,

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semibench.augment import AugmentConfig, make_views, undo_flips
-from semibench.engine import Trainer, train
+from semibench.data.augment import AugmentConfig, make_views, undo_flips
 from semibench.method import StepInfo, batch_statistics_only
 from semibench.methods.cac import directional_masks, directional_nce, overlap
 from semibench.testing import toy_config
-from tests.toy import Killed, load_state, assert_same_runs
+from semibench.train.engine import Trainer, train
+from tests.toy import Killed, assert_same_runs, load_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

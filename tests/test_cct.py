@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from semibench.engine import Trainer
 from semibench.errors import ConfigError, TrainingError
 from semibench.method import Batch, StepInfo, make_hparams
 from semibench.methods import _cct_perturbations as P
-from semibench.model import Classifier, build_model
+from semibench.network.model import Classifier, build_model
 from semibench.registry import METHODS
 from semibench.testing import FakeContext, toy_config
+from semibench.train.engine import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -318,5 +318,5 @@ def test_training_step_through_the_engine(toy_root, tmp_path):
                if v.is_floating_point() and not torch.equal(v, stu0[k])}
     assert any(k.startswith("encoder.") for k in changed)
     assert any(k.startswith("classifier.") for k in changed)
-    state = tr.checkpoint_state(0)["method"]
+    state = tr.checkpoints.state(0)["method"]
     assert any(k.startswith("aux_heads.") for k in state)

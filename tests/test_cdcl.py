@@ -11,14 +11,28 @@ from torch import nn
 import semibench.methods.cdcl as cdcl_mod
 from semibench.errors import ConfigError
 from semibench.method import Batch, StepInfo, make_hparams
-from semibench.methods._cdcl_losses import (BDP, FDP, MP, BankEntries, FeatureBank, _NegativeLogSumExp,
-                                            consistency_loss, contrastive_loss, entropy_loss,
-                                            flatten_pixels, foreground_score, patch_category,
-                                            patch_ids, pixel_categories, pseudo_labels, push_banks)
-from semibench.model import SegOutput, build_model
+from semibench.methods._cdcl_losses import (
+    BDP,
+    FDP,
+    MP,
+    BankEntries,
+    FeatureBank,
+    _NegativeLogSumExp,
+    consistency_loss,
+    contrastive_loss,
+    entropy_loss,
+    flatten_pixels,
+    foreground_score,
+    patch_category,
+    patch_ids,
+    pixel_categories,
+    pseudo_labels,
+    push_banks,
+)
+from semibench.network.model import SegOutput, build_model
 from semibench.registry import METHODS
-from tests.cdcl_reference import reference_l_contr
 from semibench.testing import FakeContext
+from tests.cdcl_reference import reference_l_contr
 
 ACTIVE = StepInfo(epoch=6, epochs=11, iteration=60, iterations=110, unsup_active=True)
 INACTIVE = StepInfo(epoch=2, epochs=11, iteration=20, iterations=110, unsup_active=False)
@@ -145,10 +159,10 @@ def test_patch_then_batch_averaging_eq10_to_12():
     cat = torch.tensor([FDP, FDP, FDP, FDP, FDP, FDP, MP])
     bdb = entries([[1.0, 0.0]], [0], [-1])
     loss = contrastive_loss(q, kp, torch.ones(n, dtype=L), cat, patch, empty(), bdb, tau=0.2)
-    l = [softplus_loss((q[i] @ kp[i]).item() / 0.2, [q[i, 0].item() / 0.2]) for i in range(n)]
-    patch_means = [sum(l[0:3]) / 3, sum(l[3:5]) / 2, l[5]]  # eq. 10
+    per_row = [softplus_loss((q[i] @ kp[i]).item() / 0.2, [q[i, 0].item() / 0.2]) for i in range(n)]
+    patch_means = [sum(per_row[0:3]) / 3, sum(per_row[3:5]) / 2, per_row[5]]  # eq. 10
     assert loss.item() == pytest.approx(sum(patch_means) / 3, rel=1e-12)  # eq. 11–12
-    assert loss.item() != pytest.approx(sum(l[:6]) / 6, rel=1e-6)  # not a plain pixel mean
+    assert loss.item() != pytest.approx(sum(per_row[:6]) / 6, rel=1e-6)  # not a plain pixel mean
 
 
 def test_no_patch_qualifies_gives_zero_and_finite_gradients():
@@ -191,7 +205,7 @@ def test_vectorised_equals_reference(pixel_negatives, patch_routing):
     gen = torch.Generator().manual_seed(7)
     b, d, h, w, p = 2, 6, 12, 12, 3
     fdb, bdb, previous = FeatureBank(2), FeatureBank(2), []
-    for step in range(3):  # the bank fills up: current only, then current + previous
+    for _step in range(3):  # the bank fills up: current only, then current + previous
         q = torch.randn(b, d, h, w, generator=gen, dtype=torch.float64, requires_grad=True)
         t = torch.randn(b, d, h, w, generator=gen, dtype=torch.float64)
         y_q, y_t = blobs(b, h, w, gen), blobs(b, h, w, gen)
@@ -255,7 +269,7 @@ def test_negative_logsumexp_gradient():
     keys = F.normalize(torch.randn(6, 4, generator=gen, dtype=torch.float64), dim=1)
     self_col = torch.tensor([2, -1, 0, 5, -1])
     for bound in (None, 10.0):
-        assert torch.autograd.gradcheck(lambda x: _NegativeLogSumExp.apply(x, keys, self_col, bound), (q,))
+        assert torch.autograd.gradcheck(lambda x, bound=bound: _NegativeLogSumExp.apply(x, keys, self_col, bound), (q,))
     lse = _NegativeLogSumExp.apply(q, keys, self_col, None)
     sims = q.detach() @ keys.T
     sims[torch.arange(5)[self_col >= 0], self_col[self_col >= 0]] = -math.inf

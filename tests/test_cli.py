@@ -104,7 +104,7 @@ def test_keyboard_interrupt_is_one_line(capsys, monkeypatch):
 
 def test_train_receives_files_then_json_merged(monkeypatch, tmp_path):
     """--config files merge in order, then --config-json; the engine gets exactly that run."""
-    import semibench.engine
+    import semibench.train.engine
 
     seen = {}
 
@@ -112,7 +112,7 @@ def test_train_receives_files_then_json_merged(monkeypatch, tmp_path):
         seen["cfg"], seen["out"] = cfg, Path(out_dir)
         return Path(out_dir)
 
-    monkeypatch.setattr(semibench.engine, "train", fake_train)
+    monkeypatch.setattr(semibench.train.engine, "train", fake_train)
     monkeypatch.setenv("SEMIBENCH_NUM_GPUS", "0")
     base = tmp_path / "base.yaml"
     base.write_text("data_dir: d1\ntrain: {epochs: 80, lr: 0.0001, backbone: densenet161}\n"
@@ -134,7 +134,7 @@ def test_train_receives_files_then_json_merged(monkeypatch, tmp_path):
 
 
 def test_evaluate_passes_the_device_and_takes_the_runs_default(monkeypatch, tmp_path, capsys):
-    import semibench.evaluate
+    import semibench.evaluate.score
 
     calls = []
 
@@ -142,7 +142,7 @@ def test_evaluate_passes_the_device_and_takes_the_runs_default(monkeypatch, tmp_
         calls.append((Path(run_dir), device))
         return {"pooled": {"dice": 0.5}, "per_image_mean": {"dice": 0.25}, "meta": {}}
 
-    monkeypatch.setattr(semibench.evaluate, "evaluate_run", fake_evaluate)
+    monkeypatch.setattr(semibench.evaluate.score, "evaluate_run", fake_evaluate)
     monkeypatch.setenv("SEMIBENCH_NUM_GPUS", "0")
     assert cli.main(["evaluate", "--run", str(tmp_path)]) == 0
     assert cli.main(["evaluate", "--run", str(tmp_path), "--device", "cpu"]) == 0

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from semibench.augment import VIEW_KINDS
 from semibench.checkmethod import MethodCheckFailed, check_method
 from semibench.contract import method_class
-from semibench.engine import Trainer
+from semibench.data.augment import VIEW_KINDS
 from semibench.errors import ConfigError
 from semibench.losses import supervised_loss
 from semibench.method import Method, check_method_class
 from semibench.registry import METHODS, Registry
 from semibench.testing import toy_config
+from semibench.train.engine import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,6 +260,6 @@ def test_check_method_for_an_outside_plugin_package(tmp_path):
     broken = _semibench(site, "check-method", "broken")
     assert broken.returncode == 2 and broken.stdout == ""
     assert broken.stderr.strip().splitlines() == [
-        "semibench: error: check-method broken: contract failed: method 'broken': its plugin 'broken_plugin:Method' (entry point group "
+        "semibench: error: check-method broken: contract failed: method 'broken': its plugin 'broken_plugin:Method' (entry point group "  # noqa: E501
         "'semibench.methods') failed to import: ModuleNotFoundError: No module named "
         "'a_library_nobody_installed'"]

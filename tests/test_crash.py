@@ -7,10 +7,10 @@ import hashlib
 import pytest
 import torch
 
-from semibench.engine import Trainer, train
 from semibench.errors import TrainingError
 from semibench.testing import toy_config
-from tests.toy import Killed, load_state, assert_same_runs
+from semibench.train.engine import Trainer, train
+from tests.toy import Killed, assert_same_runs, load_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,7 +22,7 @@ def scripted_val(monkeypatch):
     def validate(self):
         calls = getattr(self, "_val_calls", 0)
         self._val_calls = calls + 1
-        return (0.5, 0.9, 0.3, 0.2)[self.start_epoch + calls]
+        return (0.5, 0.9, 0.3, 0.2)[self.checkpoints.start_epoch + calls]
 
     monkeypatch.setattr(Trainer, "validate", validate)
 

@@ -7,13 +7,13 @@ import dataclasses
 import pytest
 import torch
 
-from semibench.ema import TeacherSettings
-from semibench.engine import Trainer
 from semibench.method import Batch, StepInfo, make_hparams
 from semibench.methods.cutmix import CutMixHparams, confidence, cutmix_loss
-from semibench.model import build_model
+from semibench.network.model import build_model
 from semibench.registry import METHODS
 from semibench.testing import FakeContext, toy_config
+from semibench.train.ema import TeacherSettings
+from semibench.train.engine import Trainer
 from tests.toy import LinearSeg
 
 pytestmark = pytest.mark.usefixtures("one_thread")

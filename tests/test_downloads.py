@@ -5,7 +5,7 @@ import io
 import numpy as np
 import pytest
 
-from semibench import obtain as ob
+from semibench.data import obtain as ob
 from semibench.errors import DataError
 from tests.archives import dsb_members, write_zip
 

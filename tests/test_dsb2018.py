@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semibench import obtain as ob
+from semibench.data import obtain as ob
+from semibench.data.prepared import PreparedDataset
 from semibench.datasets.dsb2018 import DSB2018
 from semibench.errors import DataError
-from semibench.prepared import PreparedDataset
 from tests.archives import assert_no_prepared_output, tiny_dsb
 
 

@@ -1,14 +1,15 @@
-"""EMA teachers (semibench.ema) as the engine's context builds them: the α schedule, averaging
+"""EMA teachers (semibench.train.ema) as the engine's context builds them: the α schedule, averaging
 buffers or parameters only, a teacher's mode, and the fake context being the engine's."""
 import pytest
 import torch
 from torch import nn
 
-from semibench.ema import TeacherSettings, ema_update, make_teacher
 from semibench.errors import ConfigError
-from semibench.model import SegOutput
+from semibench.network.model import SegOutput
 from semibench.testing import FakeContext
+from semibench.train.ema import TeacherSettings, ema_update, make_teacher
 from tests.toy import LinearSeg
+
 
 class BNNet(nn.Module):
     def __init__(self):
@@ -73,7 +74,7 @@ def test_teacher_mode_train_follows_the_parent_eval_mode_never():
 
 
 def test_fake_context_is_the_engines_context():
-    from semibench.context import EngineContext
+    from semibench.train.context import EngineContext
     ctx = FakeContext(LinearSeg, ema_alpha=0.95)
     assert isinstance(ctx, EngineContext)
     student = ctx.build_segmenter()

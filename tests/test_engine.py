@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from semibench.config import RunConfig
-from semibench.device import resolve_device
-from semibench.context import weights_note
-from semibench.engine import Trainer, train
-from semibench.rundir import config_differences
 from semibench.errors import ConfigError, TrainingError
 from semibench.registry import METHODS
-from semibench.schedules import poly_lr
 from semibench.testing import toy_config
+from semibench.train.context import weights_note
+from semibench.train.device import resolve_device
+from semibench.train.engine import Trainer, train
+from semibench.train.rundir import config_differences
+from semibench.train.schedules import poly_lr
 from tests.toy import LocalMeanTeacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -103,8 +103,9 @@ def test_train_augment_config_reaches_the_labeled_pipeline(toy_root, tmp_path, l
     # every transform switched off through the run config: a labeled batch is the normalised images
     off = {"hflip_p": 0, "vflip_p": 0, "crop_scale": [1, 1], "rotation_deg": 0, "labeled_photometric": False}
     tr = Trainer(toy_config(toy_root, "_test_sup", ratio=4, augment=off), tmp_path)
-    assert tr.batches.aug.rotation_deg == 0.0 and tr.batches.aug.crop_scale == (1.0, 1.0) and not tr.batches.aug.labeled_photometric
-    from semibench.augment import augment_labeled, normalise, to_float
+    aug = tr.batches.aug
+    assert aug.rotation_deg == 0.0 and aug.crop_scale == (1.0, 1.0) and not aug.labeled_photometric
+    from semibench.data.augment import augment_labeled, normalise, to_float
     lab = tr.data.labeled
     x, y = augment_labeled(lab.images, lab.masks, torch.Generator().manual_seed(0), tr.batches.aug)
     torch.testing.assert_close(x, normalise(to_float(lab.images)), atol=1e-5, rtol=0)
@@ -240,8 +241,8 @@ def test_the_unlabeled_stream_is_exactly_the_train_images_without_labels(method,
     """End to end through the engine's own data: every unlabeled image a method is shown in an
     epoch is a train image without a label, each of them is shown, and no labeled, val or test
     image is (the unlabeled pool of a semi-supervised run)."""
-    from semibench.data import resize_image_uint8
-    from semibench.prepared import PreparedDataset
+    from semibench.data.loading import resize_image_uint8
+    from semibench.data.prepared import PreparedDataset
     tr = Trainer(toy_config(toy_root, method, ratio=4, batch_unlabeled=3), tmp_path)
     split = json.loads((toy_root / "splits" / "toy" / "seed0.json").read_text())
     labeled = set(split["labeled"]["4"])

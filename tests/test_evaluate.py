@@ -6,18 +6,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from semibench.config import RunConfig, TrainConfig
-from semibench.data import preprocess
 from PIL import Image
 
-import semibench.evaluate
+import semibench.evaluate.score
+from semibench.config import RunConfig, TrainConfig
+from semibench.data.loading import preprocess
+from semibench.data.prepared import PreparedDataset, PreparedWriter
 from semibench.errors import ConfigError, DataError, TrainingError
-from semibench.evaluate import CSV_COLUMNS, evaluate_run, rescore_run
-from semibench.instances import INSTANCE_METRIC_NAMES, components, instance_scores, match
-from semibench.metrics import METRIC_NAMES, Counts, scores
-from semibench.model import build_model
-from semibench.prepared import PreparedDataset, PreparedWriter
+from semibench.evaluate.instances import INSTANCE_METRIC_NAMES, components, instance_scores, match
+from semibench.evaluate.metrics import METRIC_NAMES, Counts, scores
+from semibench.evaluate.score import CSV_COLUMNS, evaluate_run, rescore_run
+from semibench.network.model import build_model
 
 SIZES = {"a": (20, 24), "b": (17, 30), "c": (32, 32), "d": (25, 19), "e": (16, 16), "f": (24, 28)}
 TEST = ["b", "c", "d", "e", "f"]  # 5 test samples with eval batch 2: a partial last batch
@@ -63,7 +62,9 @@ def shared(tmp_path_factory):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(10):
         loss = F.cross_entropy(model(x).logits, y)
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     return data_dir, splits_dir, model, ds
 
 
@@ -320,7 +321,7 @@ def test_killed_while_saving_leaves_no_partial_predictions(run_dir, monkeypatch)
             raise KeyboardInterrupt  # as a kill would interrupt it
         Image.fromarray(array).save(path, format="PNG")
 
-    monkeypatch.setattr(semibench.evaluate, "_save_png", failing_save)
+    monkeypatch.setattr(semibench.evaluate.score, "_save_png", failing_save)
     with pytest.raises(KeyboardInterrupt):
         evaluate_run(run)
     # the previous complete predictions stay, no temporary directory is left

@@ -1,4 +1,4 @@
-"""Execution options (semibench.execution): precision, channels-last, fused Adam, compile and the
+"""Execution options (semibench.train.execution): precision, channels-last, fused Adam, compile and the
 deferred reading of losses. With every option at its default the CPU engine computes exactly what
 the straightforward loop below computes (main's engine before these options: a loss read per
 step, per-tensor EMA, per-sample validation), bit for bit."""
@@ -14,19 +14,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import semibench.progress as progress
-import semibench.execution as execution
+import semibench.train.execution as execution
+import semibench.train.progress as progress
 from semibench.config import RunConfig, TrainConfig
-from semibench.data import SampleCache, derive_seed, preprocess
-from semibench.batches import BatchSource
-from semibench.engine import STREAM_EPOCH, Trainer, determinism, seed_everything, train
+from semibench.data.loading import SampleCache, derive_seed, preprocess
 from semibench.errors import ConfigError, TrainingError
-from semibench.execution import Execution, LossQueue, prepare_networks, resolve_execution
-from semibench.grid import check_schema
+from semibench.evaluate.metrics import confusion, per_image_mean
 from semibench.method import StepInfo
-from semibench.metrics import confusion, per_image_mean
 from semibench.testing import toy_config
-from tests.toy import Killed, load_state, assert_same_runs
+from semibench.train.batches import BatchSource
+from semibench.train.engine import STREAM_EPOCH, Trainer, determinism, seed_everything, train
+from semibench.train.execution import Execution, LossQueue, prepare_networks, resolve_execution
+from semibench.workflow.grid import check_schema
+from tests.toy import Killed, assert_same_runs, load_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,7 +73,7 @@ def test_amp_is_refused_naming_its_replacement_and_old_files_read_as_its_precisi
           "datasets": {}, "train": {"amp": True}}
     check_schema(wf)  # the schema lets it through, so the dry run shows the line below
     with pytest.raises(ConfigError, match=r"train.amp was replaced by train.precision: for amp: true write "
-                                          r"precision: fp16 .* for amp: false precision: fp32, and delete the amp line"):
+                                          r"precision: fp16 .* for amp: false precision: fp32, and delete the amp line"):  # noqa: E501
         RunConfig.from_workflow(wf, "toy", "suponly", 8, 0)
     d = RunConfig(dataset="d", method="suponly", ratio=8, seed=0).to_dict()
     for amp, precision in ((True, "fp16"), (False, "fp32")):
@@ -142,7 +142,7 @@ def test_metadata_records_the_execution_of_each_process(toy_root, tmp_path, loca
         ("fp32", False, False, False, False)  # the CPU: fp32, NCHW, plain Adam
     assert [(h["first_epoch"], h["requested"]["precision"]) for h in ex["history"]] == [(0, "auto"), (1, "bf16")]
     assert done["config"]["train"]["precision"] == "bf16" and done["device"]["amp"] is False
-    from semibench.evaluate import evaluate_run
+    from semibench.evaluate.score import evaluate_run
     meta = evaluate_run(out)["meta"]
     assert meta["execution"]["train"] == ex
     assert meta["execution"]["eval"] == {"precision": "fp32", "channels_last": False}
@@ -152,7 +152,7 @@ def test_metadata_records_the_execution_of_each_process(toy_root, tmp_path, loca
 
 def _reference_run(cfg, tmp_path):
     """Main's training loop before the execution options, written out plainly: the losses read
-    (and checked) every step, backward and steps as ``semibench.update.Update.apply`` documents them, the
+    (and checked) every step, backward and steps as ``semibench.train.update.Update.apply`` documents them, the
     per-tensor EMA formula, and validation predicting one sample at a time on the CPU."""
     with determinism(True, torch.device("cpu")):
         tr = Trainer(cfg, tmp_path / "reference")
@@ -244,9 +244,9 @@ def test_defaults_on_the_cpu_compute_what_the_plain_loop_computes(method, toy_ro
 def test_batched_evaluation_equals_one_sample_at_a_time():
     """EvalSet and predict_samples (resize and argmax on the device, a batch of mixed sizes with
     repeats, so several samples share one resize) against the per-sample computation."""
-    from semibench.evaluate import EvalSet, predict_samples
-    from semibench.model import build_model
-    from semibench.prepared import Sample
+    from semibench.data.prepared import Sample
+    from semibench.evaluate.score import EvalSet, predict_samples
+    from semibench.network.model import build_model
     rng = np.random.default_rng(5)
     shapes = [(20, 24), (31, 17), (20, 24), (16, 16), (20, 24), (31, 17), (40, 40)]
     samples = [Sample(f"s{i}", rng.integers(0, 255, (h, w, 3)).astype(np.uint8),
@@ -348,8 +348,8 @@ def test_channels_last_and_bf16_autocast_mechanisms(toy_root, tmp_path, local_me
     # as their parameters (the fused and multi-tensor kernels want them alike)
     nchw = Trainer(toy_config(toy_root, "_test_mt", unsup_start_epoch=0), tmp_path)
     nchw.train_step(0, 0)
-    torch.save(nchw.checkpoint_state(0), tmp_path / "nchw.pt")
-    tr.load_checkpoint(tmp_path / "nchw.pt")
+    torch.save(nchw.checkpoints.state(0), tmp_path / "nchw.pt")
+    tr.checkpoints.load(tmp_path / "nchw.pt")
     opt, saved = tr.ctx.optimizers[0], nchw.ctx.optimizers[0]
     moved = 0
     for p, q in zip(opt.param_groups[0]["params"], saved.param_groups[0]["params"]):
@@ -365,7 +365,7 @@ def test_channels_last_and_bf16_autocast_mechanisms(toy_root, tmp_path, local_me
 
 
 def test_fused_adam_is_registered_unless_the_method_says_otherwise(toy_root, tmp_path):  # noqa: F811
-    from semibench.context import EngineContext
+    from semibench.train.context import EngineContext
     ctx = EngineContext(toy_config(toy_root, "suponly"), torch.device("cpu"), fused_adam=True)
     net = torch.nn.Linear(2, 2)
     assert ctx.add_optimizer(net.parameters(), name="a").defaults["fused"] is True
@@ -403,7 +403,7 @@ def _compiled_vs_eager(toy_root, tmp_path, steps=2):
         assert (gc - ge).norm() <= 1e-3 * ge.norm(), it
         for name, e, c in pairs:  # (a conv bias before BN has a zero gradient up to rounding)
             torch.testing.assert_close(c, e, rtol=1e-3, atol=1e-4 * float(ge.norm()) / len(pairs) ** 0.5,
-                                       msg=lambda m: f"step {it}, {name}: {m}")
+                                       msg=lambda m, it=it, name=name: f"step {it}, {name}: {m}")
 
 
 def test_compiled_segmenters_train_like_eager_ones(toy_root, tmp_path, monkeypatch):  # noqa: F811

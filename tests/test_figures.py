@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semibench.prepared import PreparedWriter
+from semibench.data.prepared import PreparedWriter
 from semibench.report import build, figures
 from semibench.report.features import pca_rgb, silhouette
 from tests.report_runs import CONFIG, make_runs
@@ -91,7 +91,7 @@ def test_feature_maps_from_real_checkpoints(tmp_path):
     import torch
 
     from semibench.config import RunConfig, TrainConfig
-    from semibench.model import build_model
+    from semibench.network.model import build_model
     from semibench.report import features
 
     files = make_runs(tmp_path / "runs")

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semibench.methods.gct import GCTHparams, dc_targets, flaw_target, handle_flawmap
-from semibench.engine import Trainer, train
 from semibench.method import StepInfo
+from semibench.methods.gct import GCTHparams, dc_targets, flaw_target, handle_flawmap
 from semibench.testing import toy_config
+from semibench.train.engine import Trainer, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from semibench import gpu
+from semibench.workflow import gpu
 
 # a holder: takes a slot through the CLI verb, prints the id it was given, then sleeps
 HOLDER = [sys.executable, "-m", "semibench", "gpu-slot", "--no-wait", "--",

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from semibench.engine import Trainer
 from semibench.testing import toy_config
+from semibench.train.engine import Trainer
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -1,4 +1,4 @@
-"""The execution options on CUDA (semibench.execution): a whole run with the defaults (bf16 or
+"""The execution options on CUDA (semibench.train.execution): a whole run with the defaults (bf16 or
 fp16 autocast, channels-last, fused Adam, losses read every LOG_EVERY steps) and its metadata,
 the NaN report of the deferred read, the device evaluation against the CPU's, and torch.compile
 against eager on the GPU."""
@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
-from semibench.data import SampleCache
-from semibench.engine import Trainer, seed_everything, train
+from semibench.data.loading import SampleCache
 from semibench.errors import TrainingError
-from semibench.model import build_model
+from semibench.network.model import build_model
 from semibench.testing import toy_config
+from semibench.train.engine import Trainer, seed_everything, train
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -58,7 +58,7 @@ def test_channels_last_weights_on_cuda(toy_root, tmp_path, local_methods):  # no
 
 
 def test_device_evaluation_agrees_with_the_cpu(toy_root, tmp_path, local_methods):  # noqa: F811
-    from semibench.evaluate import EvalSet
+    from semibench.evaluate.score import EvalSet
     tr = Trainer(_cuda(toy_config(toy_root, "_test_mt", precision="fp32")), tmp_path)
     model = tr.method.inference_model()
     samples = [SampleCache(tr.data.val_samples).load(i) for i in tr.data.val.ids]

@@ -1,4 +1,4 @@
-"""The run grid (semibench/grid.py): the one list the workflow and `semibench status` share."""
+"""The run grid (semibench/workflow/grid.py): the one list the workflow and `semibench status` share."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ import pytest
 
 from semibench.config import load_workflow_config
 from semibench.errors import ConfigError
-from semibench.grid import Run, all_runs, section_runs
+from semibench.workflow.grid import Run, all_runs, section_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 

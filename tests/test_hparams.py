@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from semibench.config import RunConfig
-from semibench.engine import train
 from semibench.errors import ConfigError, TrainingError
 from semibench.method import resolved_hparams
 from semibench.methods.meanteacher import MeanTeacherHparams
 from semibench.registry import METHODS
 from semibench.testing import toy_config
+from semibench.train.engine import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,7 +88,7 @@ def test_files_hold_the_resolved_params_and_a_resume_across_a_default_edit_is_re
     train(cfg, out)  # the unedited default resumes
     done = json.loads((out / "train_done.json").read_text())
     assert done["config"]["method_params"] == want
-    from semibench.evaluate import evaluate_run
+    from semibench.evaluate.score import evaluate_run
     assert evaluate_run(out)["meta"]["config"]["method_params"] == want
     monkeypatch.setattr(MeanTeacherHparams.__init__, "__defaults__", (0.2, 1.0))
     with pytest.raises(TrainingError, match=r"train_done\.json was written under another config; "
@@ -98,7 +98,8 @@ def test_files_hold_the_resolved_params_and_a_resume_across_a_default_edit_is_re
 
 # ---------------------------------------------------------------------------- the workflow
 
-SMALL = """grid: {datasets: [synthetic], methods: [suponly, meanteacher, tcsmv2], ratios: [8], fullsup: false, seeds: [0]}
+SMALL = """grid: {datasets: [synthetic], methods: [suponly, meanteacher, tcsmv2], ratios: [8], fullsup: false,
+       seeds: [0]}
 ablation: {datasets: [synthetic], methods: [suponly], ratios: [8], seeds: [0]}
 """
 

@@ -3,10 +3,18 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-import semibench.instances as inst
+import semibench.evaluate.instances as inst
 from semibench.errors import ConfigError, DataError
-from semibench.instances import (InstanceStats, components, dataset_scores, instance_scores,
-                                 instances_from_mask, match, remove_small, watershed)
+from semibench.evaluate.instances import (
+    InstanceStats,
+    components,
+    dataset_scores,
+    instance_scores,
+    instances_from_mask,
+    match,
+    remove_small,
+    watershed,
+)
 
 
 def _boxes(shape, *boxes):

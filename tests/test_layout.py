@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from semibench.atomic import write_atomic, write_json_atomic
-from semibench.grid import Run
 from semibench.layout import RUN_PATH, log_path, run_dir, run_key, split_path
+from semibench.workflow.grid import Run
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,8 +7,16 @@ import math
 import pytest
 import torch
 
-from semibench.losses import (box_boxes, box_masks, cross_entropy, flip_rot, flip_rot_inverse, mix,
-                              sample_flip_rot, softmax_mse)
+from semibench.losses import (
+    box_boxes,
+    box_masks,
+    cross_entropy,
+    flip_rot,
+    flip_rot_inverse,
+    mix,
+    sample_flip_rot,
+    softmax_mse,
+)
 
 
 def test_cross_entropy_hand_value():

@@ -5,7 +5,7 @@ import torch
 
 from semibench.errors import ConfigError
 from semibench.method import Batch, StepInfo, make_hparams
-from semibench.model import build_model
+from semibench.network.model import build_model
 from semibench.registry import METHODS
 from semibench.testing import FakeContext
 from tests.toy import LinearSeg
@@ -102,7 +102,8 @@ def test_fullsup_same_loss_as_suponly():
     a, _ = make("suponly", tiny_net)
     torch.manual_seed(3)
     b, _ = make("fullsup", tiny_net)
-    a.eval(); b.eval()
+    a.eval()
+    b.eval()
     assert a.training_step(batch, ACTIVE)["loss"].item() == b.training_step(batch, ACTIVE)["loss"].item()
 
 

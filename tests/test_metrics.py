@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from semibench.errors import DataError
-from semibench.metrics import METRIC_NAMES, Counts, confusion, per_image_mean, pooled, scores
+from semibench.evaluate.metrics import METRIC_NAMES, Counts, confusion, per_image_mean, pooled, scores
 
 PRED = np.array([[1, 1, 0],
                  [0, 1, 0],
@@ -45,7 +45,8 @@ def test_both_empty_is_perfect():
 
 
 def test_empty_truth_nonempty_prediction():
-    pred = np.zeros((2, 5)); pred[0, :2] = 1
+    pred = np.zeros((2, 5))
+    pred[0, :2] = 1
     s = scores(confusion(pred, np.zeros((2, 5))))
     assert s["dice"] == 0.0 and s["jaccard"] == 0.0
     assert s["sensitivity"] == 1.0  # no nucleus to miss
@@ -54,7 +55,8 @@ def test_empty_truth_nonempty_prediction():
 
 
 def test_empty_prediction_nonempty_truth():
-    truth = np.zeros((2, 5)); truth[1, 1:4] = 1
+    truth = np.zeros((2, 5))
+    truth[1, 1:4] = 1
     s = scores(confusion(np.zeros((2, 5)), truth))
     assert s["dice"] == 0.0 and s["jaccard"] == 0.0 and s["sensitivity"] == 0.0
     assert s["specificity"] == 1.0
@@ -63,7 +65,8 @@ def test_empty_prediction_nonempty_truth():
 
 def test_all_foreground_truth_specificity_is_one():
     ones = np.ones((3, 3))
-    pred = ones.copy(); pred[0, 0] = 0
+    pred = ones.copy()
+    pred[0, 0] = 0
     s = scores(confusion(pred, ones))
     assert s["specificity"] == 1.0
     assert s["sensitivity"] == pytest.approx(8 / 9)

@@ -5,14 +5,14 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 import torchvision
+from torch import nn
 from torchvision.models import densenet as tv_densenet
 
-import semibench.model as model_mod
-from semibench.densenet import densenet_features, torchvision_version
+import semibench.network.model as model_mod
 from semibench.errors import ConfigError
-from semibench.model import BACKBONES, DenseUNet, SegOutput, build_model
+from semibench.network.densenet import densenet_features, torchvision_version
+from semibench.network.model import BACKBONES, DenseUNet, SegOutput, build_model
 
 
 @pytest.fixture(autouse=True)
@@ -120,7 +120,7 @@ def test_weights_none_is_recorded():
 
 @pytest.mark.parametrize("backbone", ["tiny", "densenet121"])
 def test_features_are_torchvisions_bit_for_bit(backbone):
-    # semibench.densenet rebuilds DenseNet(...).features without importing torchvision: the same
+    # semibench.network.densenet rebuilds DenseNet(...).features without importing torchvision: the same
     # names, the same initial weights from the same generator state, and the same outputs
     growth, blocks, init, _ = BACKBONES[backbone]
     torch.manual_seed(7)
@@ -149,7 +149,7 @@ def test_a_run_imports_neither_torchvision_nor_inductor():
     # about 1 s each of every train and evaluate job: torchvision's package import pulls in
     # torch._dynamo, torch.use_deterministic_algorithms imports torch._inductor
     assert _fresh_python(
-        "import sys, torch, semibench.engine as e, semibench.evaluate, semibench.model as m",
+        "import sys, torch, semibench.train.engine as e, semibench.evaluate.score, semibench.network.model as m",
         "m.build_model('tiny', 'none')",
         "with e.determinism(True, torch.device('cpu')):",
         "    inside = torch.are_deterministic_algorithms_enabled()",
@@ -157,7 +157,7 @@ def test_a_run_imports_neither_torchvision_nor_inductor():
         "[k for k in ('torchvision', 'torch._inductor', 'torch._dynamo') if k in sys.modules])") == "True False []"
     # a compiling run sets inductor's copy of the flag too, and restores both
     assert _fresh_python(
-        "import torch, semibench.engine as e",
+        "import torch, semibench.train.engine as e",
         "with e.determinism(True, torch.device('cpu'), compile=True):",
         "    import torch._inductor.config as c",
         "    inside = (torch.are_deterministic_algorithms_enabled(), c.deterministic)",

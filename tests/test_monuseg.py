@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semibench import obtain as ob
+from semibench.data import obtain as ob
+from semibench.data.prepared import PreparedDataset
+from semibench.data.tiling import reassemble, tile_grid
 from semibench.datasets.monuseg import MoNuSeg, fill_polygon, parse_regions, rasterise
 from semibench.errors import ConfigError, DataError
-from semibench.prepared import PreparedDataset
-from semibench.tiling import reassemble, tile_grid
 from tests.archives import assert_no_prepared_output, square, tif, tiny_monuseg, write_zip, xml
 
 

@@ -1,4 +1,4 @@
-"""Named optimisers and per-optimiser losses (``semibench.update.Update``, semibench.method
+"""Named optimisers and per-optimiser losses (``semibench.train.update.Update``, semibench.method
 'Update steps'): routing, skipping optimisers without gradient, refusals, checkpoints by name."""
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from semibench.engine import Trainer, train
 from semibench.errors import ConfigError, TrainingError
 from semibench.testing import toy_config
-from tests.toy import Killed, load_state, assert_same_runs
+from semibench.train.engine import Trainer, train
+from tests.toy import Killed, assert_same_runs, load_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,7 +61,8 @@ def test_single_loss_methods_step_exactly_as_one_backward_and_every_optimiser(to
     ref_opts = [torch.optim.Adam(ref_method.student.parameters(), lr=tr.cfg.train.lr),
                 torch.optim.Adam(ref_method.critic.parameters(), lr=5e-3, betas=(0.5, 0.9))]
     tr.update.set_lr(0)
-    for o, lr in zip(ref_opts, (tr.ctx.optimizers[0].param_groups[0]["lr"], tr.ctx.optimizers[1].param_groups[0]["lr"])):
+    lrs = (tr.ctx.optimizers[0].param_groups[0]["lr"], tr.ctx.optimizers[1].param_groups[0]["lr"])
+    for o, lr in zip(ref_opts, lrs):
         o.param_groups[0]["lr"] = lr
     batch = tr.batches.batch(0, 0)
     rng = torch.get_rng_state()
@@ -88,7 +89,7 @@ def test_bad_loss_keys_are_refused(toy_root, tmp_path, two_methods):  # noqa: F8
 
 
 def test_optimiser_registration_is_checked(toy_root, tmp_path, two_methods):  # noqa: F811
-    with pytest.raises(ConfigError, match=r"'_test_rogue' built an optimiser itself \(head_opt: SGD\).*ctx.add_optimizer"):
+    with pytest.raises(ConfigError, match=r"'_test_rogue' built an optimiser itself \(head_opt: SGD\).*ctx.add_optimizer"):  # noqa: E501
         Trainer(toy_config(toy_root, "_test_rogue"), tmp_path)
     tr = Trainer(toy_config(toy_root, "_test_two"), tmp_path)
     ctx = tr.ctx
@@ -120,11 +121,11 @@ def test_checkpoint_by_name_and_resume_bit_identical(toy_root, tmp_path, two_met
 
 def test_checkpoint_with_other_optimiser_names_is_refused(toy_root, tmp_path, two_methods):  # noqa: F811
     tr = Trainer(toy_config(toy_root, "_test_two"), tmp_path)
-    state = tr.checkpoint_state(0)
+    state = tr.checkpoints.state(0)
     state["optimizers"] = {"a": state["optimizers"]["a"], "critic": state["optimizers"]["b"]}
     torch.save(state, tmp_path / "ck.pt")
     with pytest.raises(TrainingError, match=r"optimiser states \['a', 'critic'\], the method has \['a', 'b'\]"):
-        tr.load_checkpoint(tmp_path / "ck.pt")
+        tr.checkpoints.load(tmp_path / "ck.pt")
 
 
 def test_a_real_grad_scaler_meets_no_optimiser_without_gradient(toy_root, tmp_path, two_methods):  # noqa: F811

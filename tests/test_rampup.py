@@ -10,9 +10,9 @@ import math
 
 import pytest
 
-from semibench.engine import Trainer
 from semibench.method import StepInfo
 from semibench.testing import toy_config
+from semibench.train.engine import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semibench import obtain as ob
-from semibench.prepared import PreparedDataset
-from semibench.splits import make_split, split_to_json, write_split
-from semibench.tiling import reassemble, tile_grid
+from semibench.data import obtain as ob
+from semibench.data.prepared import PreparedDataset
+from semibench.data.splits import make_split, split_to_json, write_split
+from semibench.data.tiling import reassemble, tile_grid
 
 pytestmark = pytest.mark.realdata
 
@@ -113,8 +113,8 @@ def _test_ids(name: str) -> list[str]:
 
 @pytest.mark.parametrize("name, n_test, n_sources", [("dsb2018", 134, 134), ("monuseg", 224, 14)])
 def test_ground_truth_scored_as_prediction_gives_aji_pq_one(name, n_test, n_sources, request):
-    from semibench.evaluate import score_sample, source_id, summarize
-    from semibench.instances import instance_scores, match
+    from semibench.evaluate.instances import instance_scores, match
+    from semibench.evaluate.score import score_sample, source_id, summarize
 
     ds = request.getfixturevalue("dsb" if name == "dsb2018" else "monuseg")
     ids = _test_ids(name)

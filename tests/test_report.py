@@ -18,6 +18,7 @@ from semibench.report import build
 from semibench.report.read import read_runs
 from tests.report_runs import CONFIG, PIXEL, make_runs, write_run
 
+
 @pytest.fixture
 def runs(tmp_path):
     return make_runs(tmp_path / "runs")

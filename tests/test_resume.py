@@ -7,14 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-import semibench.progress as progress
-from semibench.data import (BatchSchedule, derive_seed, iterations_per_epoch, load_train_data,
-                            resize_image_uint8, split_ids)
-from semibench.engine import Trainer, train
+import semibench.train.progress as progress
+from semibench.data.loading import (
+    BatchSchedule,
+    derive_seed,
+    iterations_per_epoch,
+    load_train_data,
+    resize_image_uint8,
+    split_ids,
+)
 from semibench.errors import ConfigError, DataError
 from semibench.registry import METHODS
 from semibench.testing import toy_config
-from tests.toy import Killed, load_state, assert_same_runs
+from semibench.train.engine import Trainer, train
+from tests.toy import Killed, assert_same_runs, load_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -121,7 +127,7 @@ def test_killed_after_epoch_k_and_resumed_is_bit_identical(method, k, epochs, to
     train(cfg, tmp_path / "resumed")
     assert_same_runs(tmp_path / "whole", tmp_path / "resumed")
     if method == "meanteacher":  # and the test-set metrics of the two runs agree exactly
-        from semibench.evaluate import evaluate_run
+        from semibench.evaluate.score import evaluate_run
         a, b = evaluate_run(tmp_path / "whole"), evaluate_run(tmp_path / "resumed")
         assert a["pooled"] == b["pooled"] and a["per_image_mean"] == b["per_image_mean"]
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from semibench.schedules import gaussian_rampup, poly_lr
+from semibench.train.schedules import gaussian_rampup, poly_lr
 
 
 @pytest.mark.parametrize("it, total, expected", [

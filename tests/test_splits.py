@@ -6,13 +6,21 @@ from pathlib import Path
 
 import pytest
 
+from semibench.data.loading import labeled_ids
+from semibench.data.obtain import SampleRef, prepare
+from semibench.data.splits import (
+    LABEL_RATIOS,
+    SplitPolicy,
+    labeled_subset,
+    make_split,
+    round_half_up,
+    split_to_json,
+    write_split,
+    write_split_file,
+)
+from semibench.data.tiling import tile_id
 from semibench.errors import ConfigError, DataError
-from semibench.obtain import SampleRef, prepare
 from semibench.registry import DATASETS
-from semibench.data import labeled_ids
-from semibench.splits import (LABEL_RATIOS, SplitPolicy, labeled_subset, make_split, round_half_up,
-                              split_to_json, write_split, write_split_file)
-from semibench.tiling import tile_id
 
 REPO = Path(__file__).resolve().parent.parent
 FRACTIONS = SplitPolicy(val="0.1", test="0.2")

@@ -12,8 +12,16 @@ import yaml
 
 from semibench import cli
 from semibench.config import deep_merge, load_workflow_config
-from semibench.status import (HOST_FILE, STATES, command_run_dir, grid_status, live_run_dirs,
-                              log_error, read_jsonl, write_host_file)
+from semibench.workflow.status import (
+    HOST_FILE,
+    STATES,
+    command_run_dir,
+    grid_status,
+    live_run_dirs,
+    log_error,
+    read_jsonl,
+    write_host_file,
+)
 
 # 4 epochs of 10 iterations; suponly/fullsup draw 4 images per step (labeled only), meanteacher
 # 4 + 2 (one unlabeled batch)
@@ -122,7 +130,7 @@ def test_each_state_epochs_and_eta(tree):
     report = grid_status(FULL_CONFIG, root / "results/runs", root / "logs", jobs=2, now=now,
                          proc_root=root / "noproc")
     runs = by_dir(report)
-    assert list(runs) == [  # the grid's order (semibench.grid)
+    assert list(runs) == [  # the grid's order (semibench.workflow.grid)
         "synthetic/suponly/r8/seed0", "synthetic/suponly/r8/seed1",
         "synthetic/meanteacher/r8/seed0", "synthetic/meanteacher/r8/seed1",
         "synthetic/fullsup/r1/seed0", "synthetic/fullsup/r1/seed1",
@@ -371,7 +379,7 @@ def test_config_matching_no_run_says_which_config_and_how(tmp_path, monkeypatch,
     shutil.copytree(ROOT / "config", tmp_path / "config")
     quick = deep_merge(load_workflow_config([ROOT / "config" / "config.yaml"]),
                        load_workflow_config([ROOT / "config" / "quick.yaml"]))
-    from semibench.grid import all_runs
+    from semibench.workflow.grid import all_runs
     quick_runs = all_runs(quick)
     for r in quick_runs:
         write_run(tmp_path, r.rel_dir(), time.time(), 7200, files=["checkpoint.pt"])

@@ -5,11 +5,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from semibench import obtain as ob
+from semibench.data import obtain as ob
+from semibench.data.prepared import PreparedDataset
 from semibench.datasets.synthetic import STYLES, Synthetic, generate
 from semibench.errors import ConfigError
-from semibench.prepared import PreparedDataset
-
 
 
 def test_synthetic_prepared_labels_equal_the_generator_truth(tmp_path):

@@ -9,14 +9,21 @@ import math
 import pytest
 import torch
 
-from semibench.data import IMAGENET_STD
-from semibench.ema import TeacherSettings
+from semibench.data.loading import IMAGENET_STD
 from semibench.method import Batch, StepInfo, make_hparams
-from semibench.methods.tcsmv2 import (TCSMv2Hparams, Transform, apply_transform, invert_transform,
-                                      scale_images, scaled_sizes, unscale_logits)
-from semibench.model import build_model
+from semibench.methods.tcsmv2 import (
+    TCSMv2Hparams,
+    Transform,
+    apply_transform,
+    invert_transform,
+    scale_images,
+    scaled_sizes,
+    unscale_logits,
+)
+from semibench.network.model import build_model
 from semibench.registry import METHODS
 from semibench.testing import FakeContext
+from semibench.train.ema import TeacherSettings
 from tests.toy import LinearSeg
 
 ACTIVE = StepInfo(epoch=6, epochs=10, iteration=50, iterations=100, unsup_active=True)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from semibench.tiling import Tile, parse_tile_id, reassemble, tile_grid, tile_id
+from semibench.data.tiling import Tile, parse_tile_id, reassemble, tile_grid, tile_id
 
 
 @pytest.mark.parametrize("h,w,t", [(1000, 1000, 250), (10, 7, 4), (5, 5, 5), (3, 9, 10)])

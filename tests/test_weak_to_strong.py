@@ -13,14 +13,20 @@ import torch.nn.functional as F
 from torch import nn
 
 import semibench.methods._weak_to_strong as w2s
-from semibench.augment import AugmentConfig, make_views
-from semibench.engine import Trainer
-from semibench.losses import (cutmix_box_masks, masked_cross_entropy, masked_soft_dice, paste,
-                              pseudo_labels, supervised_loss)
+from semibench.data.augment import AugmentConfig, make_views
+from semibench.losses import (
+    cutmix_box_masks,
+    masked_cross_entropy,
+    masked_soft_dice,
+    paste,
+    pseudo_labels,
+    supervised_loss,
+)
 from semibench.method import Batch, StepInfo, make_hparams, predicting
-from semibench.model import SegOutput, build_model
+from semibench.network.model import SegOutput, build_model
 from semibench.registry import METHODS
 from semibench.testing import FakeContext, toy_config
+from semibench.train.engine import Trainer
 from tests.toy import LinearSeg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -369,7 +375,8 @@ def test_cutmix_boxes_follow_the_official_distribution():
 
 def test_a_box_that_can_never_fit_is_cut_to_the_image():
     # area 0.9 at aspect ratio 4: h = ⌊√(0.9·256·4)⌋ = 30 > 16 rows, never fits
-    m = cutmix_box_masks(3, 16, 16, p=1.0, area=(0.9, 0.9), ratio=(4.0, 4.0), generator=torch.Generator().manual_seed(1))
+    m = cutmix_box_masks(3, 16, 16, p=1.0, area=(0.9, 0.9), ratio=(4.0, 4.0),
+                         generator=torch.Generator().manual_seed(1))
     for mask in m[:, 0]:
         assert mask.any(1).all()  # every row, cut to the image height
         assert mask.sum().item() == 16 * int(math.sqrt(0.9 * 256 / 4))

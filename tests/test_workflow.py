@@ -19,6 +19,7 @@ from semibench.registry import DATASETS, METHODS
 from semibench.report.tables import METRICS, read_table1
 from tests.workflow_tools import ROOT, WORKFLOW_FILES, copy_workflow, snakemake
 
+
 @pytest.fixture
 def workdir(tmp_path) -> Path:
     """A working copy of the workflow (no data, no results)."""
@@ -94,10 +95,11 @@ def test_quick_workflow_end_to_end(workdir):
     assert out.returncode == 0, out.stderr[-5000:]
 
     import yaml
+
     from semibench.config import deep_merge
     cfg = deep_merge(yaml.safe_load((workdir / "config/config.yaml").read_text()),
                      yaml.safe_load((workdir / "config/quick.yaml").read_text()))
-    from semibench.grid import all_runs, section_runs
+    from semibench.workflow.grid import all_runs, section_runs
     runs = [tuple(r) for r in all_runs(cfg)]
     grid_runs = [tuple(r) for r in section_runs(cfg, "grid")]
     assert len(cfg["grid"]["seeds"]) >= 2 and "fullsup" not in cfg["grid"]["methods"]
@@ -215,7 +217,9 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert os.access(ROOT / ".ci" / "run", os.X_OK)
     quick = _readme_block("Quick start (one command)")
     assert quick.endswith("snakemake --cores 2 --configfile config/quick.yaml")
-    assert quick.split(" && snakemake")[0] == command.split(" && pytest")[0].replace("'.[dev]'", ".")
+    install = command.split(" && ruff check")[0]
+    assert command == install + " && ruff check && snakemake --lint && pytest"
+    assert quick.split(" && snakemake")[0] == install.replace("'.[dev]'", ".")
 
 
 def _slurm_answers() -> bool:

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from semibench.method import Method
-from semibench.model import SegOutput
+from semibench.network.model import SegOutput
 from semibench.testing import first_difference
+
 
 @dataclass
 class LocalMTHparams:

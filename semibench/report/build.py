@@ -8,15 +8,24 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..atomic import write_atomic
-from ..errors import DataError
-from ..layout import run_key
+from semibench.atomic import write_atomic
+from semibench.errors import DataError
+from semibench.layout import run_key
+
 from . import stats
 from .paper import load_paper_tables
 from .plan import UPPER_BOUND, ReportPlan, display, plan_from_config, plan_from_runs
 from .read import Results, read_runs
-from .tables import beyond_paper_note, build_table, footnote, n_cases_by_dataset, paper_delta, \
-    render_all, summarize, table_metrics
+from .tables import (
+    beyond_paper_note,
+    build_table,
+    footnote,
+    n_cases_by_dataset,
+    paper_delta,
+    render_all,
+    summarize,
+    table_metrics,
+)
 
 STATS_FILES = ["comparisons.csv", "comparisons.html", "friedman.csv", "pairwise.csv",
                "ranking.csv", "ranking_freq.csv", "cases.csv"]

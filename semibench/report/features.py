@@ -1,6 +1,7 @@
 """Figure 4 of the paper: the extractor's feature maps of SupOnly and Schemes 1-3 (and, as an
-extra panel, full CDCL) on one test image, as the first three principal components shown as RGB, with the silhouette score of
-foreground vs background pixels (PCA colours are not comparable across panels, the score is).
+extra panel, full CDCL) on one test image, as the first three principal components shown as
+RGB, with the silhouette score of foreground vs background pixels
+(PCA colours are not comparable across panels, the score is).
 
 Needs model inference, so it is its own rule; cheap: one image, four forward passes, CPU."""
 from __future__ import annotations
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from semibench.errors import DataError
+
 from .plan import ReportPlan, display
 from .read import Results
 
@@ -63,10 +65,10 @@ def draw(results: Results, plan: ReportPlan, threads: int | None = None):
     import matplotlib.pyplot as plt
     import torch
 
-    from ..config import RunConfig
-    from ..data import load_split, preprocess
-    from ..evaluate import load_inference_model
-    from ..prepared import PreparedDataset
+    from semibench.config import RunConfig
+    from semibench.data.loading import load_split, preprocess
+    from semibench.data.prepared import PreparedDataset
+    from semibench.evaluate.score import load_inference_model
 
     if threads:
         torch.set_num_threads(threads)

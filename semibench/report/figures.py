@@ -16,7 +16,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from ..atomic import write_atomic
+from semibench.atomic import write_atomic
+
 from .plan import UPPER_BOUND, ReportPlan, display, method_facts, order_methods  # noqa: E402
 from .read import Results  # noqa: E402
 
@@ -290,7 +291,7 @@ def ranking_stability(results, plan, cases, stats_dir, cfg=None):
 
 
 def _load_prepared(cfg: dict, dataset: str):
-    from ..prepared import PreparedDataset
+    from semibench.data.prepared import PreparedDataset
 
     root = Path(cfg.get("data_dir", "data")) / "prepared" / dataset
     return PreparedDataset(root) if (root / "manifest.json").exists() else None

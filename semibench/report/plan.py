@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError
-from ..registry import METHOD_STATIC_ATTRS, METHODS
+from semibench.errors import ConfigError
+from semibench.registry import METHOD_STATIC_ATTRS, METHODS
+
 from .stats import Family, StatOptions
 
 #: the mark of a method the CDCL paper's tables do not have (``in_paper = False`` in its class),
@@ -190,10 +191,10 @@ def plan_from_config(config: dict) -> ReportPlan:
 
 
 def _trained_runs(config: dict) -> frozenset | None:
-    """The workflow's own run list (semibench.grid), or None without a grid."""
+    """The workflow's own run list (semibench.workflow.grid), or None without a grid."""
     if not (config.get("grid") or config.get("ablation")):
         return None
-    from ..grid import section_runs
+    from semibench.workflow.grid import section_runs
 
     return frozenset(tuple(r) for name in ("grid", "ablation") for r in section_runs(config, name))
 

@@ -1,6 +1,6 @@
 """One reader for every report step: run directories -> tidy pandas frames.
 
-Input contract (``semibench/evaluate.py``): each run directory holds ``metrics.json``
+Input contract (``semibench/evaluate/score.py``): each run directory holds ``metrics.json``
 (``per_image_mean``, ``pooled``, optional ``dataset_level``, ``metric_info``, ``meta``),
 ``per_image.csv`` (one row per test sample; ``source_id`` names the source image, e.g. the
 MoNuSeg image a tile was cut from), ``train.jsonl`` (``train`` and ``epoch`` events) and optionally
@@ -18,8 +18,8 @@ from typing import Iterable
 
 import pandas as pd
 
-from ..errors import DataError
-from ..layout import RUN_PATH, run_key
+from semibench.errors import DataError
+from semibench.layout import RUN_PATH, run_key
 
 CONVENTIONS = ("per_image_mean", "pooled")
 RUN_KEYS = ["dataset", "method", "ratio", "seed"]
@@ -147,7 +147,7 @@ def _read_per_image(path: Path, run: dict, metrics: dict) -> pd.DataFrame:
 
 def _read_epochs(path: Path, run: dict) -> list[dict]:
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for _n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
-from ..errors import DataError
+from semibench.errors import DataError
 
 CELL = ["dataset", "ratio"]
 CASE_KEYS = ["dataset", "ratio", "method", "seed", "source_id"]

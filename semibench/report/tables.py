@@ -20,8 +20,7 @@ import math
 
 import pandas as pd
 
-from .plan import BEYOND_MARK, UPPER_BOUND, ReportPlan, Section, beyond_paper, display, method_facts, \
-    order_methods
+from .plan import BEYOND_MARK, UPPER_BOUND, ReportPlan, Section, beyond_paper, display, method_facts, order_methods
 from .read import Results
 
 BELOW, ABOVE, MISSING = "†", "‡", "—"  # below the reference, above the baseline (the paper's)
@@ -94,7 +93,7 @@ def build_table(summary: pd.DataFrame, section: Section, metrics: list[str], pla
     shown = (frame["mean"] * 100).round(2)
     frame["bold"] = False
     candidates = frame[(frame["method"] != UPPER_BOUND) & shown.notna()]
-    for (d, k, metric), idx in candidates.groupby(["dataset", "ratio", "metric"]).groups.items():
+    for (_dataset, _ratio, metric), idx in candidates.groupby(["dataset", "ratio", "metric"]).groups.items():
         values = shown.loc[idx]
         best = values.max() if higher_is_better.get(metric, True) else values.min()
         frame.loc[values.index[values == best], "bold"] = True

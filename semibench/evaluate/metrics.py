@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import DataError
+from semibench.errors import DataError
 
 METRIC_NAMES = ("dice", "jaccard", "accuracy", "specificity", "sensitivity")
 
@@ -39,7 +39,7 @@ def _info(abbrev: str, kind: str, name: str) -> dict:
 
 
 #: What each metric of ``metrics.json`` is, recorded there as ``metric_info`` so that reports
-#: choose metrics as data (the instance metrics are defined in :mod:`semibench.instances`).
+#: choose metrics as data (the instance metrics are defined in :mod:`semibench.evaluate.instances`).
 METRIC_INFO = {
     "dice": _info("DC", "pixel", "Dice coefficient"),
     "jaccard": _info("JC", "pixel", "Jaccard index"),

@@ -5,7 +5,7 @@ import re
 
 import torch
 
-from .errors import ConfigError, TrainingError
+from semibench.errors import ConfigError, TrainingError
 
 _SPEC = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
 

@@ -47,10 +47,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from PIL import Image
 from tqdm import tqdm
 
-from .atomic import write_json_atomic
-from .errors import ConfigError, DataError
-from .prepared import PreparedWriter
-from .registry import DATASETS
+from semibench.atomic import write_json_atomic
+from semibench.data.prepared import PreparedWriter
+from semibench.errors import ConfigError, DataError
+from semibench.registry import DATASETS
 
 DOWNLOAD_TIMEOUT = 20.0  # seconds per socket operation: fail fast when offline
 CHUNK = 1 << 20
@@ -86,7 +86,7 @@ class Recipe:
     name = ""
     archives: tuple[ArchiveSpec, ...] = ()
     option_keys: frozenset[str] = frozenset()
-    split_policy: Any = None  # semibench.splits.SplitPolicy
+    split_policy: Any = None  # semibench.data.splits.SplitPolicy
 
     def __init__(self, options: Mapping | None = None):
         self.options = dict(options or {})
@@ -272,7 +272,7 @@ def verify(name: str, data_dir: str | Path = "data", ds_cfg: Mapping | None = No
 
 
 def prepare(name: str, data_dir: str | Path = "data", ds_cfg: Mapping | None = None) -> Path:
-    """Write ``<data_dir>/prepared/<name>/`` (see :mod:`semibench.prepared`) atomically."""
+    """Write ``<data_dir>/prepared/<name>/`` (see :mod:`semibench.data.prepared`) atomically."""
     recipe = get_recipe(name, ds_cfg)
     located = locate(recipe, data_dir, download=False)
     archives = {fn: Path(loc["path"]) for fn, loc in located.items()}

@@ -1,5 +1,5 @@
 """Model selection: :class:`Validator` scores a method's networks on the val split after each
-epoch, with the code that scores the test set (:class:`semibench.evaluate.EvalSet`: resize and
+epoch, with the code that scores the test set (:class:`semibench.evaluate.score.EvalSet`: resize and
 argmax on the device, the val inputs loaded once and kept there), so the selected epoch is the
 best one in the table's convention."""
 from __future__ import annotations
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from .config import RunConfig
-from .data import SampleCache, TrainData
-from .execution import Execution
-from .metrics import Counts, per_image_mean
-from .prepared import PreparedDataset
+from semibench.config import RunConfig
+from semibench.data.loading import SampleCache, TrainData
+from semibench.data.prepared import PreparedDataset
+from semibench.evaluate.metrics import Counts, per_image_mean
+from semibench.train.execution import Execution
 
 MODEL_SELECTION = "val per-image mean dice at the original size (Trainer.validate)"
 
@@ -30,7 +30,7 @@ class Validator:
     @torch.no_grad()
     def dice(self, net: torch.nn.Module) -> float:
         """The per-image mean Dice of ``net`` over the val samples at their original size."""
-        from .evaluate import EvalSet
+        from semibench.evaluate.score import EvalSet
         if self.eval_set is None:
             source = self._samples()
             self.eval_set = EvalSet([source.load(i) for i in self.data.val.ids], self.cfg.train.input_size,

@@ -11,7 +11,7 @@ then argmax; the foreground probability is the softmax of the same logits) and w
   is filled under a temporary name and renamed into place when complete;
 - ``per_image.csv`` (:data:`CSV_COLUMNS`): id, source_id (the source image: for MoNuSeg tiles the
   1000² image, else the id), height, width, tp, fp, tn, fn, the five pixel metrics, the instance
-  metrics and the per-sample terms they are made of (:class:`semibench.instances.InstanceStats`);
+  metrics and the per-sample terms they are made of (:class:`semibench.evaluate.instances.InstanceStats`);
 - ``metrics.json`` (written last, so its presence means all of the above are complete):
   ``pooled`` (pixel metrics of the summed counts), ``per_image_mean`` (pixel and instance
   metrics, averaged over samples), ``dataset_level`` (instance metrics of the summed terms:
@@ -43,19 +43,26 @@ from PIL import Image
 from tqdm import tqdm
 
 import semibench
-
-from .atomic import write_atomic, write_json_atomic
-from .config import RunConfig
-from .data import load_split, preprocess
-from .densenet import torchvision_version
-from .device import device_name, resolve_device
-from .errors import DataError, TrainingError
-from .execution import resolve_execution, to_device
-from .instances import (INSTANCE_METRIC_NAMES, STAT_NAMES, InstanceStats, check_instance_options,
-                        dataset_scores, instance_scores, instances_from_mask, match)
-from .metrics import METRIC_INFO, METRIC_NAMES, Counts, confusion, pooled, scores
-from .model import DenseUNet, build_model
-from .prepared import PreparedDataset, Sample
+from semibench.atomic import write_atomic, write_json_atomic
+from semibench.config import RunConfig
+from semibench.data.loading import load_split, preprocess
+from semibench.data.prepared import PreparedDataset, Sample
+from semibench.errors import DataError, TrainingError
+from semibench.evaluate.instances import (
+    INSTANCE_METRIC_NAMES,
+    STAT_NAMES,
+    InstanceStats,
+    check_instance_options,
+    dataset_scores,
+    instance_scores,
+    instances_from_mask,
+    match,
+)
+from semibench.evaluate.metrics import METRIC_INFO, METRIC_NAMES, Counts, confusion, pooled, scores
+from semibench.network.densenet import torchvision_version
+from semibench.network.model import DenseUNet, build_model
+from semibench.train.device import device_name, resolve_device
+from semibench.train.execution import resolve_execution, to_device
 
 CSV_COLUMNS = (("id", "source_id", "height", "width", "tp", "fp", "tn", "fn") + METRIC_NAMES
                + INSTANCE_METRIC_NAMES + STAT_NAMES)
@@ -322,7 +329,7 @@ def _score_rows(items: Iterable[tuple[str, np.ndarray, np.ndarray]], dataset: Pr
 def evaluate_run(run_dir: Path, device: str | None = None, instances: str = DEFAULT_INSTANCES,
                  min_object_size: int = DEFAULT_MIN_OBJECT_SIZE) -> dict:
     """Evaluate ``run_dir`` on its test split and save its predictions; ``device`` overrides the
-    run's configured one; ``instances``/``min_object_size``: :mod:`semibench.instances`."""
+    run's configured one; ``instances``/``min_object_size``: :mod:`semibench.evaluate.instances`."""
     check_instance_options(instances, min_object_size)
     run_dir = Path(run_dir)
     cfg, train_done, test_ids, dataset = _load_run(run_dir)

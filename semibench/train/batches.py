@@ -2,7 +2,7 @@
 unlabeled batches of step (epoch, iteration) and builds their augmented views on the device.
 
 Every choice is a function of (seed, epoch, iteration): the samples from
-:class:`semibench.data.BatchSchedule`, the augmentation from its own generator, and unlabeled
+:class:`semibench.data.loading.BatchSchedule`, the augmentation from its own generator, and unlabeled
 batch j ≥ 1 (``Method.unlabeled_batches``) from its own sample stream and generator. A run
 resumed at any epoch therefore draws exactly the batches an uninterrupted run draws.
 """
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from .augment import AugmentConfig, augment_labeled, make_views
-from .config import RunConfig
-from .data import BatchSchedule, TrainData, derive_seed, make_generator
-from .execution import to_device
-from .method import Batch
+from semibench.config import RunConfig
+from semibench.data.augment import AugmentConfig, augment_labeled, make_views
+from semibench.data.loading import BatchSchedule, TrainData, derive_seed, make_generator
+from semibench.method import Batch
+from semibench.train.execution import to_device
 
 STREAM_AUG = 13  # augmentation generators (see data.STREAM_*)
 STREAM_MORE_UNLABELED = 14  # seeds of the sample streams of unlabeled batches 1..n-1

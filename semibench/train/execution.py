@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import ConfigError, TrainingError
+from semibench.errors import ConfigError, TrainingError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DYNAMO_RECOMPILE_LIMIT = 64  # graphs per code object: train/eval, grad/no-grad, batch shapes, ...
@@ -194,7 +194,7 @@ class LossQueue:
         steps, self._steps = self._steps, []
         host = torch.cat([v for _, v, _ in steps]).cpu().tolist()
         out, i = [], 0
-        for names, values, step in steps:
+        for names, _values, step in steps:
             row = host[i:i + len(names)]
             i += len(names)
             message = nonfinite_loss_message(list(names), row, where(step), context)

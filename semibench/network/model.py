@@ -27,8 +27,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from .densenet import densenet_features
-from .errors import ConfigError, first_line
+
+from semibench.errors import ConfigError, first_line
+from semibench.network.densenet import densenet_features
 
 FEATURE_CHANNELS = 256  # the paper's extractor width, the same for every backbone
 
@@ -73,7 +74,7 @@ def _up(x: torch.Tensor, size) -> torch.Tensor:
 
 
 class DenseNetEncoder(nn.Module):
-    """torchvision's ``DenseNet.features`` (:mod:`semibench.densenet`), returning the four skips
+    """torchvision's ``DenseNet.features`` (:mod:`semibench.network.densenet`), returning the four skips
     and the bottom map."""
 
     def __init__(self, growth_rate: int, block_config: tuple[int, ...], num_init_features: int):
@@ -214,7 +215,8 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, stacklevel=3)
 
 
-_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                      r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
 def _features_state(state: dict) -> dict:

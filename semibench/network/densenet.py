@@ -6,7 +6,7 @@ the same initialisation drawing the same random numbers (torchvision's classifie
 built and dropped, as ``DenseNet(...).features`` drops it, because building it draws from the
 generator), and the same arithmetic in the forward pass: ``tests/test_model.py`` checks weights
 and outputs against torchvision's, bit for bit. ImageNet weights still come through torchvision
-(``semibench.model``), imported only then.
+(``semibench.network.model``), imported only then.
 """
 from __future__ import annotations
 

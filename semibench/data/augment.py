@@ -13,7 +13,7 @@ same views on any machine and device; the tensor work itself runs on the batch's
   only, so a photometric view stays pixel-aligned with its geometric source.
 
 Inputs are uint8 (B, 3, H, W) images and (B, H, W) masks; outputs are float images normalised
-with ImageNet statistics (as :func:`semibench.data.preprocess`) and long masks.
+with ImageNet statistics (as :func:`semibench.data.loading.preprocess`) and long masks.
 
 Unlabeled *view kinds* are built by name (:data:`VIEW_KINDS`, :func:`make_views`); a method names
 the kind it wants in ``Method.unlabeled_views``:
@@ -51,9 +51,9 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from .data import IMAGENET_MEAN, IMAGENET_STD
-from .errors import ConfigError
-from .execution import to_device  # small CPU-made tensors to the GPU without a host sync
+from semibench.data.loading import IMAGENET_MEAN, IMAGENET_STD
+from semibench.errors import ConfigError
+from semibench.train.execution import to_device  # small CPU-made tensors to the GPU without a host sync
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,11 @@ import numpy as np
 import torch
 
 import semibench
-
-from .atomic import write_atomic, write_json_atomic
-from .config import RunConfig
-from .densenet import torchvision_version
-from .errors import TrainingError, describe
-from .status import write_host_file
+from semibench.atomic import write_atomic, write_json_atomic
+from semibench.config import RunConfig
+from semibench.errors import TrainingError, describe
+from semibench.network.densenet import torchvision_version
+from semibench.workflow.status import write_host_file
 
 CHECKPOINT_FORMAT = 2  # 2: carries best_model (format 1 resumes while its best.pt is intact)
 CHECKPOINT_KEYS = ("format", "epoch", "method", "optimizers", "best", "timings", "config_items")

@@ -55,7 +55,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-from .errors import ConfigError, DataError
+from semibench.errors import ConfigError, DataError
 
 INSTANCE_MODES = ("components", "watershed")
 INSTANCE_METRIC_NAMES = ("aji", "aji_plus", "pq", "sq", "dq", "obj_precision", "obj_recall",

@@ -7,16 +7,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import RunConfig
-from .ema import TeacherSettings, ema_update, make_teacher
-from .errors import ConfigError
-from .method import MethodContext
+from semibench.config import RunConfig
+from semibench.errors import ConfigError
+from semibench.method import MethodContext
+from semibench.train.ema import TeacherSettings, ema_update, make_teacher
 
 
 def make_segmenter(cfg: RunConfig, **model_options) -> nn.Module:
     """A fresh DenseUNet from the run's model config; ``model_options`` are
-    :func:`semibench.model.build_model`'s keyword options (num_classes, proj_dim, proj_pool)."""
-    from .model import build_model
+    :func:`semibench.network.model.build_model`'s keyword options (num_classes, proj_dim, proj_pool)."""
+    from semibench.network.model import build_model
     known = {"num_classes", "proj_dim", "proj_pool"}
     unknown = sorted(set(model_options) - known)
     if unknown:
@@ -43,7 +43,7 @@ class EngineContext(MethodContext):
 
     def ema_of(self, module: nn.Module, alpha: float | None = None, *, average_buffers: bool = True,
                warmup: bool = False, mode: str = "eval") -> nn.Module:
-        """A frozen copy of ``module``, updated after every optimiser step (semibench.ema):
+        """A frozen copy of ``module``, updated after every optimiser step (semibench.train.ema):
         ``alpha`` (default: the run's ``train.ema_alpha``), ``average_buffers`` (BN statistics
         averaged too, or parameters only), ``warmup`` (α_t = min(1 − 1/(t+1), α)) and ``mode``
         (``"eval"``: always eval; ``"train"``: follows the method's mode)."""

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from semibench.errors import DataError
 
 FORMAT_VERSION = 1
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Mapping, NamedTuple
 
-from .errors import ConfigError
-from .layout import run_key
+from semibench.errors import ConfigError
+from semibench.layout import run_key
 
 SECTIONS = ("grid", "ablation")
 
@@ -34,7 +34,7 @@ def check_schema(config: Mapping) -> None:
 
     import jsonschema
 
-    from .config import SCHEMA_PATH
+    from semibench.config import SCHEMA_PATH
 
     schema = json.loads(SCHEMA_PATH.read_text())
     error = jsonschema.exceptions.best_match(
@@ -56,14 +56,14 @@ def check_names(kind: str, names, registry, where: str) -> None:
 
 def ratios_for(method: str, ratios) -> list[int]:
     """A method with a fixed label ratio (fullsup: 1) runs at that ratio only."""
-    from .registry import METHODS
+    from semibench.registry import METHODS
 
     fixed = METHODS.static(method, "fixed_ratio")  # read from the source: no torch import
     return [fixed] if fixed is not None else list(ratios)
 
 
 def section_runs(config: Mapping, name: str) -> list[Run]:
-    from .registry import DATASETS, METHODS
+    from semibench.registry import DATASETS, METHODS
 
     section = config.get(name) or {}
     if not section:

@@ -1,6 +1,6 @@
 """Where a configured grid stands: ``semibench status``.
 
-Each run of the grid (:func:`semibench.grid.all_runs`, the workflow's own list) is read from its
+Each run of the grid (:func:`semibench.workflow.grid.all_runs`, the workflow's own list) is read from its
 run directory ``<runs_dir>/<dataset>/<method>/r<k>/seed<S>`` and its job logs
 ``<logs_dir>/{train,evaluate}/<dataset>/<method>/r<k>/seed<S>.log`` (:mod:`semibench.layout`).
 The first state that applies wins:
@@ -41,10 +41,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping
 
-from .atomic import write_atomic
-from .errors import ConfigError
-from .grid import Run, all_runs, check_schema
-from .layout import RUN_DIR_GLOB, log_path
+from semibench.atomic import write_atomic
+from semibench.errors import ConfigError
+from semibench.layout import RUN_DIR_GLOB, log_path
+from semibench.workflow.grid import Run, all_runs, check_schema
 
 SCHEMA = "semibench.status/1"
 HOST_FILE = "train_host.json"  # {"host": ..., "pid": ...} of the last `semibench train` on the run
@@ -133,7 +133,7 @@ def _images_per_step(config: Mapping, method: str) -> int | None:
     """As the engine counts them: the labeled batch plus each unlabeled batch the method draws."""
     train = config.get("train") or {}
     try:
-        from .registry import METHODS
+        from semibench.registry import METHODS
 
         cls = METHODS.get(method)
         n_unlabeled = cls.unlabeled_batches if cls.unlabeled_views is not None else 0
@@ -350,7 +350,7 @@ def other_config_note(config_files: list[str], runs_dir: Path, found: list[str],
     matches = []
     base = Path(config_files[0]) if config_files else None
     if base is not None and base.parent.is_dir():
-        from .config import deep_merge, load_workflow_config
+        from semibench.config import deep_merge, load_workflow_config
 
         base_cfg = load_workflow_config([base])
         for other in sorted(base.parent.glob("*.y*ml")):

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from .context import EngineContext
-from .errors import TrainingError
-from .schedules import poly_lr
+from semibench.errors import TrainingError
+from semibench.train.context import EngineContext
+from semibench.train.schedules import poly_lr
 
 LOSS_PREFIX = "loss/"  # "loss/<optimiser name>": a loss stepped by that optimiser only
 

@@ -35,11 +35,11 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .atomic import write_atomic
-from .errors import DataError
-from .layout import SPLITS_DIR, split_path
-from .obtain import SampleRef
-from .prepared import PreparedDataset
+from semibench.atomic import write_atomic
+from semibench.data.obtain import SampleRef
+from semibench.data.prepared import PreparedDataset
+from semibench.errors import DataError
+from semibench.layout import SPLITS_DIR, split_path
 
 # The paper's 1/32, 1/16, 1/8 and all; 1/64 and 1/128 for regimes with more headroom for
 # unlabeled data (stored in the shipped files; any other k is derived, see labeled_subset).
@@ -147,7 +147,7 @@ def default_split_path(name: str, seed: int, splits_dir: str | Path = SPLITS_DIR
 
 def write_split(name: str, data_dir: str | Path, seed: int, out: str | Path | None = None) -> Path:
     """Split the prepared dataset ``<data_dir>/prepared/<name>`` with its recipe's policy."""
-    from .registry import DATASETS
+    from semibench.registry import DATASETS
 
     policy = DATASETS.get(name).split_policy
     manifest = PreparedDataset(Path(data_dir) / "prepared" / name).manifest

@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from tqdm import tqdm
 
-from .errors import ConfigError, DataError
-from .execution import to_device
-from .layout import split_path
-from .prepared import PreparedDataset, Sample
+from semibench.data.prepared import PreparedDataset, Sample
+from semibench.errors import ConfigError, DataError
+from semibench.layout import split_path
+from semibench.train.execution import to_device
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,8 +55,8 @@ def load_split(splits_dir: str | Path, dataset: str, seed: int) -> dict:
 
 def labeled_ids(split: dict, ratio: int) -> list[str]:
     """The labeled ids of 1/``ratio`` (stored in the split file, or derived nested in it:
-    :func:`semibench.splits.labeled_subset`)."""
-    from .splits import labeled_subset
+    :func:`semibench.data.splits.labeled_subset`)."""
+    from semibench.data.splits import labeled_subset
     if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
         raise ConfigError(f"label ratio must be an integer k >= 1 (1/k labeled), got {ratio!r}")
     return labeled_subset(split, ratio)
@@ -67,7 +66,7 @@ def labeled_ids(split: dict, ratio: int) -> list[str]:
 #
 # Training samples are resized once to the input size and kept in memory as uint8 tensors
 # (DSB's 469 training images at 320² take 144 MB); augmentation then runs batched on the
-# training device (semibench.augment), so no loader workers are needed (hence no
+# training device (semibench.data.augment), so no loader workers are needed (hence no
 # ``train.num_workers`` key).
 #
 # Determinism: which samples a step sees and the seeds of its augmentation depend only on
@@ -130,7 +129,7 @@ class TrainData:
     val: ImageSet
     unlabeled_ids: list[str]
     # the val samples at their original size: model selection scores them exactly as the test
-    # set is scored (semibench.evaluate.predict_counts), not at the input size
+    # set is scored (semibench.evaluate.score.predict_counts), not at the input size
     val_samples: list[Sample] = field(default_factory=list)
 
 

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SemibenchError
+from semibench.errors import SemibenchError
 
 
 class GpuSlotError(SemibenchError):

@@ -3,12 +3,14 @@
 ``train(cfg, out_dir)`` trains one run into ``out_dir`` and resumes it from its checkpoint.
 :class:`Trainer` builds the method and composes plain parts, each with one job:
 
-- :class:`semibench.context.EngineContext`: what the method gets while it is built (segmenters,
+- :class:`semibench.train.context.EngineContext`: what the method gets while it is built (segmenters,
   EMA teachers, named optimisers);
-- :class:`semibench.batches.BatchSource`: the labeled and unlabeled batches of a step;
-- :class:`semibench.update.Update`: learning rates, loss routing, backward, optimiser and EMA steps;
-- :class:`semibench.validation.Validator`: the val Dice that selects the best epoch;
-- :class:`semibench.rundir.RunDirectory`: every file of the run (config, log, checkpoint,
+- :class:`semibench.train.batches.BatchSource`: the labeled and unlabeled batches of a step;
+- :class:`semibench.train.update.Update`: learning rates, loss routing, backward, optimiser and EMA steps;
+- :class:`semibench.train.validation.Validator`: the val Dice that selects the best epoch;
+- :class:`semibench.train.checkpoint.Checkpoints`: what survives a kill (best epoch and its
+  weights, timings), saved to and restored from ``checkpoint.pt``;
+- :class:`semibench.train.rundir.RunDirectory`: every file of the run (config, log, checkpoint,
   best.pt, train_done.json) and resuming from them.
 
 :meth:`Trainer.run` is the loop, and its order is part of the contract: per epoch the steps,
@@ -16,7 +18,7 @@ the last loss read (a non-finite loss stops the run before anything below), vali
 ``best.pt``, the epoch's log line, then the checkpoint. The log line precedes the checkpoint so
 that a kill in between replays the epoch, and the replay first drops the epoch's lines.
 
-Execution (:mod:`semibench.execution`: ``train.precision``, ``channels_last``, ``fused_adam``,
+Execution (:mod:`semibench.train.execution`: ``train.precision``, ``channels_last``, ``fused_adam``,
 ``compile``): how the steps run on the device, outside the fingerprint. The loop does not wait
 for the device per step: :meth:`Trainer.run_step` queues its losses there, and they are read and
 checked every ``progress.LOG_EVERY`` steps and at the end of each epoch (:meth:`Trainer.train_step`
@@ -25,7 +27,7 @@ reads them at once, before the update).
 Epochs are 0-based everywhere in files (``StepInfo.epoch`` too).
 
 Reproducibility: the data order and augmentation seeds of a step are functions of (seed, epoch,
-iteration) (:mod:`semibench.batches`), and the global RNGs (dropout, a method's own sampling)
+iteration) (:mod:`semibench.train.batches`), and the global RNGs (dropout, a method's own sampling)
 are re-seeded from (seed, epoch) at the start of each epoch. A run resumed after epoch k
 therefore replays epochs k+1.. exactly as an uninterrupted run: bit for bit on the CPU, where
 deterministic algorithms are enforced. A method whose state must survive a resume (a feature
@@ -34,7 +36,6 @@ bank, a counter) must keep it in its ``state_dict`` (buffers or ``get_extra_stat
 from __future__ import annotations
 
 import importlib
-import math
 import random
 import sys
 import time
@@ -46,20 +47,21 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .augment import AugmentConfig, augment_config
-from .batches import BatchSource
-from .config import RunConfig
-from .context import EngineContext, weights_fell_back, weights_note
-from .data import TrainData, derive_seed, iterations_per_epoch, load_train_data
-from .device import device_name, resolve_device
-from .errors import ConfigError, TrainingError, first_line
-from .execution import LossQueue, match_state_layouts, nonfinite_loss_message, prepare_networks, resolve_execution
-from .contract import build_method, method_class
-from .method import Method, StepInfo
-from .progress import EpochLog
-from .rundir import CHECKPOINT_FORMAT, RunDirectory, RunLog, check_same_config, peak_memory_mb, read_checkpoint, versions
-from .update import Update
-from .validation import MODEL_SELECTION, Validator
+from semibench.config import RunConfig
+from semibench.contract import build_method, method_class
+from semibench.data.augment import AugmentConfig, augment_config
+from semibench.data.loading import TrainData, derive_seed, iterations_per_epoch, load_train_data
+from semibench.errors import ConfigError, TrainingError
+from semibench.method import Method, StepInfo
+from semibench.train.batches import BatchSource
+from semibench.train.checkpoint import Checkpoints
+from semibench.train.context import EngineContext, weights_fell_back, weights_note
+from semibench.train.device import device_name, resolve_device
+from semibench.train.execution import LossQueue, nonfinite_loss_message, prepare_networks, resolve_execution
+from semibench.train.progress import EpochLog
+from semibench.train.rundir import RunDirectory, RunLog, peak_memory_mb, versions
+from semibench.train.update import Update
+from semibench.train.validation import MODEL_SELECTION, Validator
 
 STREAM_INIT, STREAM_EPOCH = 11, 12  # random streams (see data.STREAM_*)
 
@@ -147,60 +149,12 @@ class Trainer:
                              self.total, t.poly_power, cfg.method)
         self.validator = Validator(cfg, self.data, self.device, self.execution)
         self.loss_queue = LossQueue()  # losses of the steps not yet read (no per-step sync)
-        # the execution options of each process that trained part of this run
-        self.execution_history: list[dict] = []
-
-        self.start_epoch = 0
+        self.checkpoints = Checkpoints(cfg, self.run_dir, self.method, self.ctx, self.update.scaler, self.device)
         self.val_extra: dict[str, float] = {}  # val_dice/<name> of extra_validation_models()
-        self.best = {"epoch": -1, "val_dice": -math.inf}
-        self.best_model: dict | None = None  # inference state_dict (CPU) of the best epoch
-        self.timings = {"train_s": 0.0, "val_s": 0.0, "images": 0}
 
     @property
     def images_per_step(self) -> int:
         return self.batches.images_per_step
-
-    # -- state ---------------------------------------------------------------------------
-    def checkpoint_state(self, epoch: int) -> dict:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "epoch": epoch,  # last completed epoch (0-based)
-            "method": self.method.state_dict(),
-            "optimizers": {n: o.state_dict() for n, o in self.ctx.named_optimizers().items()},
-            "scaler": self.update.scaler.state_dict(),
-            "best": dict(self.best),
-            "best_model": self.best_model,  # best.pt can always be re-derived (Snakemake deletes it)
-            "timings": dict(self.timings),
-            "execution_history": list(self.execution_history),
-            "fingerprint": self.cfg.fingerprint(),
-            "config_items": self.cfg.fingerprint_items(),
-        }
-
-    def load_checkpoint(self, path: Path) -> None:
-        state = read_checkpoint(path, self.device)
-        check_same_config(state.get("config_items", {}), self.cfg, path)
-        saved_opts = state["optimizers"]
-        if isinstance(saved_opts, list):  # written before optimisers had names: registration order
-            saved_opts = {(self.ctx.optimizer_names[i] if i < len(self.ctx.optimizers) else f"#{i}"): o
-                          for i, o in enumerate(saved_opts)}
-        if sorted(saved_opts) != sorted(self.ctx.optimizer_names):
-            raise TrainingError(f"{path} holds optimiser states {sorted(saved_opts)}, the method has "
-                                f"{sorted(self.ctx.optimizer_names)}; delete {path} to start the run over")
-        try:
-            self.method.load_state_dict(state["method"])
-            for name, opt in self.ctx.named_optimizers().items():
-                opt.load_state_dict(saved_opts[name])
-            match_state_layouts(self.ctx.optimizers)
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise TrainingError(f"{path} does not fit this run's method ({first_line(e) or type(e).__name__}); delete it to "
-                                f"start the run over") from None
-        if state.get("scaler") and self.update.scaler.is_enabled():  # AMP state only matters on CUDA
-            self.update.scaler.load_state_dict(state["scaler"])
-        self.start_epoch = int(state["epoch"]) + 1
-        self.best = dict(state["best"])
-        self.best_model = state.get("best_model")
-        self.timings = dict(state["timings"])
-        self.execution_history = list(state.get("execution_history") or [])
 
     # -- one step ------------------------------------------------------------------------
     def train_step(self, epoch: int, it: int) -> dict[str, float]:
@@ -216,7 +170,7 @@ class Trainer:
 
     def read_losses(self) -> list[dict[str, float]]:
         """The losses of the steps run since the last read, in step order; :class:`TrainingError`
-        naming the first step with a non-finite loss (see :mod:`semibench.execution`)."""
+        naming the first step with a non-finite loss (see :mod:`semibench.train.execution`)."""
         return self.loss_queue.read(self._where, self._context())
 
     def step_info(self, epoch: int, it: int) -> StepInfo:
@@ -258,67 +212,48 @@ class Trainer:
 
     # -- validation ----------------------------------------------------------------------
     def validate(self) -> float:
-        """The model selection score (:class:`semibench.validation.Validator`); the Dice of
+        """The model selection score (:class:`semibench.train.validation.Validator`); the Dice of
         ``extra_validation_models()`` lands in ``val_extra``."""
         score, self.val_extra = self.validator.score(self.method)
         return score
 
     # -- the run -------------------------------------------------------------------------
     def run(self, on_epoch_end: Callable[[int], None] | None = None) -> Path:
-        cfg, t, rd = self.cfg, self.cfg.train, self.run_dir
-        if rd.checkpoint.exists():
-            self.load_checkpoint(rd.checkpoint)
-            self._restore_best()  # before anything is written: a bad checkpoint changes nothing
-        rd.start(cfg, self.start_epoch)
+        cfg, t, rd, ck = self.cfg, self.cfg.train, self.run_dir, self.checkpoints
+        ck.resume()
+        rd.start(cfg, ck.start_epoch)
         infos = self.ctx.weights_info()
         note = weights_note(infos)
         if weights_fell_back(infos):
             warnings.warn(note, stacklevel=2)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        if self.start_epoch < t.epochs:
-            self.execution_history.append({"first_epoch": self.start_epoch, "device": str(self.device),
-                                           **self.execution.record()})
+        if ck.start_epoch < t.epochs:
+            ck.execution_history.append({"first_epoch": ck.start_epoch, "device": str(self.device),
+                                         **self.execution.record()})
         wall0 = time.perf_counter()
         with rd.open_log() as log:
-            for epoch in range(self.start_epoch, t.epochs):
+            for epoch in range(ck.start_epoch, t.epochs):
                 seed_everything(derive_seed(cfg.seed, STREAM_EPOCH, epoch))
                 epoch_losses, lr, train_s = self._train_epoch(epoch, log)
                 v0 = time.perf_counter()
                 val_dice = self.validate()
                 val_s = time.perf_counter() - v0
-                self.timings["val_s"] += val_s
-                if val_dice > self.best["val_dice"]:
-                    self.best = {"epoch": epoch, "val_dice": val_dice}
-                    self.best_model = {k: v.detach().to("cpu", copy=True)
-                                       for k, v in self.method.inference_model().state_dict().items()}
-                    rd.write_best(self.best_model, self.best, MODEL_SELECTION, cfg)
+                ck.timings["val_s"] += val_s
+                ck.consider(epoch, val_dice)
                 # the log line before the checkpoint: a kill in between replays the epoch, and
                 # the replay first drops the epoch's lines
                 log.write(event="epoch", epoch=epoch, iteration=(epoch + 1) * self.iterations_per_epoch,
                           lr=lr, losses=epoch_losses, val_dice=val_dice, **self.val_extra,
-                          best_epoch=self.best["epoch"], best_val_dice=self.best["val_dice"],
+                          best_epoch=ck.best["epoch"], best_val_dice=ck.best["val_dice"],
                           img_per_s=self.iterations_per_epoch * self.images_per_step / max(train_s, 1e-9),
                           train_s=train_s, val_s=val_s, peak_mem_mb=peak_memory_mb(self.device))
-                rd.save_checkpoint(self.checkpoint_state(epoch))
+                ck.save(epoch)
                 if on_epoch_end is not None:
                     on_epoch_end(epoch)
-        self._restore_best()
-        rd.write_done(self._done_record(infos, note, time.perf_counter() - wall0))
+        ck.restore_best()
+        rd.write_done(done_record(self, infos, note, time.perf_counter() - wall0))
         return rd.path
-
-    def _restore_best(self) -> None:
-        """Make ``best.pt`` hold the best epoch so far. Snakemake deletes an interrupted job's
-        declared outputs (best.pt among them) before the rerun, and the resumed epochs need not
-        beat the best one again, so the checkpoint's copy is written back."""
-        if self.best["epoch"] < 0 or self.run_dir.best_is(self.best["epoch"]):
-            return
-        if self.best_model is None:
-            raise TrainingError(f"{self.run_dir.checkpoint} has no copy of the best epoch "
-                                f"({self.best['epoch']}) and {self.run_dir.best} is missing or stale "
-                                f"(a checkpoint of an older semibench); delete {self.run_dir.path} to "
-                                f"start the run over")
-        self.run_dir.write_best(self.best_model, self.best, MODEL_SELECTION, self.cfg)
 
     def _train_epoch(self, epoch: int, log: RunLog) -> tuple[dict[str, float], float, float]:
         cfg = self.cfg
@@ -334,8 +269,8 @@ class Trainer:
                 raise
             progress.step_done(it, self.lr, self.read_losses)
         epoch_losses, train_s = progress.close()
-        self.timings["train_s"] += train_s
-        self.timings["images"] += self.iterations_per_epoch * self.images_per_step
+        self.checkpoints.timings["train_s"] += train_s
+        self.checkpoints.timings["images"] += self.iterations_per_epoch * self.images_per_step
         return epoch_losses, self.lr, train_s
 
     def _raise_queued_nonfinite(self, error: Exception) -> None:
@@ -348,29 +283,32 @@ class Trainer:
         except Exception:
             pass  # the queue cannot be read (e.g. a failed CUDA context): report the step's error
 
-    def _done_record(self, infos: list[dict], note: str, wall_s: float) -> dict:
-        cfg, tm = self.cfg, self.timings
-        return {
-            "dataset": cfg.dataset, "method": cfg.method, "ratio": self.ratio, "seed": cfg.seed,
-            "epochs": cfg.train.epochs, "iterations_per_epoch": self.iterations_per_epoch,
-            "n_labeled": len(self.data.labeled), "n_unlabeled": len(self.data.unlabeled_ids),
-            "n_val": len(self.data.val),
-            "best_epoch": self.best["epoch"], "best_val_dice": self.best["val_dice"],
-            "model_selection": MODEL_SELECTION,
-            "versions": versions(),
-            "device": {"spec": cfg.device, "device": str(self.device), "name": device_name(self.device),
-                       "amp": self.amp, "threads": torch.get_num_threads()},
-            # this process's options, and those of each process that trained epochs of the run
-            "execution": {**self.execution.record(), "history": self.execution_history},
-            "weights_info": {"segmenters": infos, "note": note},
-            "timings": {"train_s": tm["train_s"], "val_s": tm["val_s"],
-                        "total_s": tm["train_s"] + tm["val_s"], "this_process_wall_s": wall_s,
-                        "images": tm["images"],
-                        "img_per_s": tm["images"] / tm["train_s"] if tm["train_s"] else None,
-                        "peak_mem_mb": peak_memory_mb(self.device)},
-            "fingerprint": cfg.fingerprint(),
-            "config": cfg.to_dict(),
-        }
+
+
+def done_record(tr: Trainer, infos: list[dict], note: str, wall_s: float) -> dict:
+    """``train_done.json``: what the run was, where and how it ran, and how long it took."""
+    cfg, ck, tm = tr.cfg, tr.checkpoints, tr.checkpoints.timings
+    return {
+        "dataset": cfg.dataset, "method": cfg.method, "ratio": tr.ratio, "seed": cfg.seed,
+        "epochs": cfg.train.epochs, "iterations_per_epoch": tr.iterations_per_epoch,
+        "n_labeled": len(tr.data.labeled), "n_unlabeled": len(tr.data.unlabeled_ids),
+        "n_val": len(tr.data.val),
+        "best_epoch": ck.best["epoch"], "best_val_dice": ck.best["val_dice"],
+        "model_selection": MODEL_SELECTION,
+        "versions": versions(),
+        "device": {"spec": cfg.device, "device": str(tr.device), "name": device_name(tr.device),
+                   "amp": tr.amp, "threads": torch.get_num_threads()},
+        # this process's options, and those of each process that trained epochs of the run
+        "execution": {**tr.execution.record(), "history": ck.execution_history},
+        "weights_info": {"segmenters": infos, "note": note},
+        "timings": {"train_s": tm["train_s"], "val_s": tm["val_s"],
+                    "total_s": tm["train_s"] + tm["val_s"], "this_process_wall_s": wall_s,
+                    "images": tm["images"],
+                    "img_per_s": tm["images"] / tm["train_s"] if tm["train_s"] else None,
+                    "peak_mem_mb": peak_memory_mb(tr.device)},
+        "fingerprint": cfg.fingerprint(),
+        "config": cfg.to_dict(),
+    }
 
 
 def train(cfg: RunConfig, out_dir: Path, *, on_epoch_end: Callable[[int], None] | None = None) -> Path:

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from .rundir import RunLog, peak_memory_mb
+from semibench.train.rundir import RunLog, peak_memory_mb
 
 LOG_EVERY = 25  # iterations between "train" lines in train.jsonl (and between loss reads)
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from semibench.errors import ConfigError
 
 _TEACHER_FLAG = "_semibench_ema_teacher"
 TEACHER_MODES = ("eval", "train")

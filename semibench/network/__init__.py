@@ -1,0 +1,1 @@
+"""The shared network every method trains: DenseUNet on a DenseNet encoder."""
