@@ -32,6 +32,14 @@ Decisions, each with its reason:
   σ ∈ [0.1, 2] p 0.5: the official probabilities; jitter strengths 0.4/0.4/0.4/0.1 instead of
   0.5/0.5/0.5/0.25, the same stack as Mean Teacher's and CDCL's strong views, so the methods differ
   in their losses only). The strong view stays pixel-aligned with the weak one.
+- Labeled images get the engine's training augmentation, photometric part included (the
+  paper's Sec. 4.1 stack: flip, crop, rotation, blur, colour jitter, greyscale). The official code
+  gives them the weak view's geometric augmentation only. A benchmark-wide choice: every method
+  in the table trains the same L_sup on the same labeled views, so that two methods differ in
+  their unlabeled terms and nothing else; geometric-only labeled views for two methods would
+  change their supervised term as well and confound the comparison
+  (``train.augment: {labeled_photometric: false}`` gives every method of a run geometric-only
+  labeled views).
 - The mix batch is an independent draw of the unlabeled set (its own shuffle per epoch). In the
   official code both come from the same loader under a DistributedSampler with the same seed and
   epoch, so the "mix" images are the same images as u, differently augmented; pasting another

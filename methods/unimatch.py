@@ -39,9 +39,19 @@ Decisions, each with its reason:
 - Views: the engine's weak view and two independent draws of its photometric stack (colour
   jitter p 0.8, greyscale p 0.2, blur σ ∈ [0.1, 2] p 0.5: the official probabilities; jitter
   strengths 0.4/0.4/0.4/0.1 instead of 0.5/0.5/0.5/0.25, the stack Mean Teacher and CDCL use).
-- The mix batch is an independent draw of the unlabeled set. In the official code it comes from
-  the same loader as u under a DistributedSampler with the same seed and epoch, so its images are
-  u's images, differently augmented; pasting another image is what the method describes.
+- Labeled images get the engine's training augmentation, photometric part included (the
+  paper's Sec. 4.1 stack: flip, crop, rotation, blur, colour jitter, greyscale). The official code
+  gives them the weak view's geometric augmentation only. A benchmark-wide choice: every method
+  in the table trains the same L_sup on the same labeled views, so that two methods differ in
+  their unlabeled terms and nothing else; geometric-only labeled views for two methods would
+  change their supervised term as well and confound the comparison
+  (``train.augment: {labeled_photometric: false}`` gives every method of a run geometric-only
+  labeled views).
+- The mix batch is an independent draw of the unlabeled set (its own shuffle per epoch), as in
+  the official medical code, whose mix loader is a second sampler over the unlabeled set shuffled
+  for another epoch (``set_epoch(epoch + epochs)``), so it pastes other images. In the official
+  natural-image code the mix loader's sampler has u's seed and epoch, so its images are u's own
+  images, differently augmented; pasting another image is what the method describes.
 - Every pixel is valid (no ignore mask): the engine's augmentation pads by reflection.
 - Box draws: a fixed number of candidates per sample, the first that fits (the official
   distribution with a fixed-length random stream, for reproducible runs and resumes).
