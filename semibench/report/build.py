@@ -12,7 +12,7 @@ from semibench.atomic import write_atomic
 from semibench.errors import DataError
 from semibench.layout import run_key
 
-from . import stats
+from . import runlevel, stats, twolevel
 from .paper import load_paper_tables
 from .plan import UPPER_BOUND, ReportPlan, display, plan_from_config, plan_from_runs
 from .read import Results, read_runs
@@ -28,7 +28,7 @@ from .tables import (
 )
 
 STATS_FILES = ["comparisons.csv", "comparisons.html", "friedman.csv", "pairwise.csv",
-               "ranking.csv", "ranking_freq.csv", "cases.csv"]
+               "ranking.csv", "ranking_freq.csv", "cases.csv", "runlevel.csv"]
 TABLE_FILES = [f"{t}.{s}" for t in ("table1", "table2") for s in ("csv", "md", "tex", "html")] + \
     ["paper_delta.csv", "paper_delta.md", "paper_delta.html"]
 
@@ -65,6 +65,9 @@ def compute_stats(results: Results, plan: ReportPlan, strict: bool = False) -> d
     seed_level = stats.seed_cases(results.per_image, metric)
     cases = stats.case_values(seed_level)
     comparisons = stats.run_families(seed_level, plan.family_list(), metric, plan.options, strict)
+    scores = runlevel.run_scores(results, plan)
+    improvement = runlevel.Improvement(scores, plan.options.seed, plan.options.confidence)
+    comparisons = _over_runs(comparisons, seed_level, plan, improvement)
     higher_is_better = results.higher_is_better(metric)
     parts: dict[str, list[pd.DataFrame]] = {"friedman": [], "pairwise": [], "ranking_freq": [],
                                             "ranking": []}
@@ -82,7 +85,21 @@ def compute_stats(results: Results, plan: ReportPlan, strict: bool = False) -> d
         return pd.concat(kept, ignore_index=True) if kept else pd.DataFrame()
 
     return {"comparisons": comparisons, **{name: concat(frames) for name, frames in parts.items()},
-            "cases": cases}
+            "cases": cases, "runlevel": runlevel.summarize(scores, plan, improvement)}
+
+
+def _over_runs(comparisons: pd.DataFrame, seed_level: pd.DataFrame, plan: ReportPlan,
+               improvement) -> pd.DataFrame:
+    """The comparisons with their claims over training runs: the two-level CI beside the
+    image-level one, then P(improvement), seeds needed and the claim in words before the note."""
+    out = runlevel.add_improvement(twolevel.annotate(comparisons, seed_level, plan.options),
+                                   improvement)
+    cols = list(comparisons.columns)
+    at = cols.index("ci_high") + 1
+    cols[at:at] = ["two_level_low", "two_level_high"]
+    cols[-1:-1] = ["p_improvement", "p_improvement_low", "p_improvement_high", "seeds_needed",
+                   "holds_over", "claim"]
+    return out[cols]
 
 
 def report_notes(results: Results, plan: ReportPlan) -> list[str]:
@@ -138,20 +155,26 @@ def _seed_deltas_points(text) -> str:
 
 def _comparisons_html(frame: pd.DataFrame, plan: ReportPlan, abbrev, notes=()) -> str:
     show = frame.copy()
-    for c in ("delta", "ci_low", "ci_high", "t_low", "t_high"):
+    for c in ("delta", "ci_low", "ci_high", "t_low", "t_high", "two_level_low", "two_level_high"):
         show[c] = show[c] * 100
+    show["p_improvement"] = [_with_ci(v, lo, hi) for v, lo, hi in zip(
+        frame["p_improvement"], frame["p_improvement_low"], frame["p_improvement_high"])]
     show["a"] = show["a"].map(display)
     show["b"] = show["b"].map(display)
     show["seed_deltas"] = show["seed_deltas"].map(_seed_deltas_points)
     metric = abbrev(plan.metric)
     cols = {"family": "family", "dataset": "dataset", "ratio": "1/k", "a": "method",
             "b": "vs", "n_cases": "n images", "delta": f"Δ{metric} (pts)",
-            "ci_low": "95% CI low (pts)", "ci_high": "95% CI high (pts)", "W": "W", "p": "p",
-            "p_holm": "p Holm", "rbc": "r (rank-biserial)", "seeds_same_sign": "same sign (seeds)",
-            "seed_deltas": "per-seed Δ (pts)", "test": "test", "note": "note"}
+            "ci_low": "95% CI low (pts)", "ci_high": "95% CI high (pts)",
+            "two_level_low": "two-level CI low (pts)", "two_level_high": "two-level CI high (pts)",
+            "W": "W", "p": "p", "p_holm": "p Holm", "claim": "holds over", "rbc": "r (rank-biserial)",
+            "seeds_same_sign": "same sign (seeds)", "seed_deltas": "per-seed Δ (pts)",
+            "p_improvement": "P(improvement) [95% CI]", "seeds_needed": "seeds needed",
+            "test": "test", "note": "note"}
     show = show[list(cols)].rename(columns=cols)
-    fmt = {cols["delta"]: "{:+.2f}", cols["ci_low"]: "{:+.2f}", cols["ci_high"]: "{:+.2f}",
-           "W": "{:.1f}", "p": "{:.2g}", "p Holm": "{:.2g}", cols["rbc"]: "{:+.2f}"}
+    fmt = {cols[c]: "{:+.2f}" for c in ("delta", "ci_low", "ci_high", "two_level_low",
+                                         "two_level_high")}
+    fmt.update({"W": "{:.1f}", "p": "{:.2g}", "p Holm": "{:.2g}", cols["rbc"]: "{:+.2f}"})
     styler = show.style.format(fmt, na_rep="—").hide(axis="index").set_uuid("comparisons")
     styler = styler.apply(lambda col: ["font-weight: bold" if v else "" for v in
                                        (frame["significant"].fillna(False).astype(bool))],
@@ -176,7 +199,20 @@ def _comparisons_html(frame: pd.DataFrame, plan: ReportPlan, abbrev, notes=()) -
         f"ranks of the non-zero |differences|: +1 when the method wins on every image; its sign "
         f"is the direction the test found (and of the table's marks). Δ and r can disagree in "
         f"sign when a few large differences outweigh many small ones; the note says so where "
-        f"it happens.</p>")
+        f"it happens.</p>"
+        f"<p><b>Over test images or over training runs.</b> p and its CI generalise over test "
+        f"images of these trained runs, not over training runs. The <b>two-level CI</b> "
+        f"resamples the seeds, then the source images within each drawn seed "
+        f"({twolevel.TWO_LEVEL_REPS} resamples, seed {o.seed}); with 2-3 seeds it reaches "
+        f"about every seed's own Δ. <i>Holds over</i> says which claim the row supports: "
+        f"significant over test images (p Holm &lt; {o.alpha}) and/or established over "
+        f"training runs (the two-level CI excludes 0). <b>P(improvement)</b>: rliable's "
+        f"probability that a run of the method beats a run of the other at this cell (a tie "
+        f"counts 1/2), with a stratified bootstrap CI over runs ({runlevel.POI_REPS} "
+        f"resamples). <b>Seeds needed</b>: simulated from the two-level bootstrap of this "
+        f"comparison, the fewest seeds at which a difference of this size would have its "
+        f"two-level CI exclude 0 with {twolevel.POWER:.0%} probability (searched up to "
+        f"{twolevel.MAX_SEEDS}); empty with one seed.</p>")
     if notes:
         intro += "<p>Left out:</p><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) \
             + "</ul>"
@@ -185,6 +221,10 @@ def _comparisons_html(frame: pd.DataFrame, plan: ReportPlan, abbrev, notes=()) -
             f"border-bottom:1px solid #ddd}}p,li{{font:13px sans-serif;max-width:60em}}</style>"
             f"</head><body><h2>Statistics: pairwise comparisons</h2>{intro}{styler.to_html()}"
             f"</body></html>")
+
+
+def _with_ci(value, low, high) -> str:
+    return "—" if pd.isna(value) else f"{value:.2f} [{low:.2f}, {high:.2f}]"
 
 
 def write_stats(results: Results, plan: ReportPlan, out_dir: Path, strict: bool = False) -> list[Path]:
@@ -228,7 +268,7 @@ def table_texts(results: Results, plan: ReportPlan, comparisons: pd.DataFrame | 
                         results.abbrev, upper_bound=UPPER_BOUND in section.methods,
                         n_seeds_found=frame.loc[frame["metric"] == metrics[0], "n_seeds"],
                         notes=notes, pre_gate=selection_notes(results, section)) \
-            + beyond_paper_note(section.methods)
+            + twolevel.claims_note(comparisons, fams, display) + beyond_paper_note(section.methods)
         what = ("segmentation of the test sets" if name == "table1"
                 else f"ablation, {results.abbrev(plan.metric)}")
         for suffix, text in render_all(frame, f"{title}: {what}", note, results.abbrev,

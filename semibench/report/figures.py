@@ -20,6 +20,7 @@ from semibench.atomic import write_atomic
 
 from .plan import UPPER_BOUND, ReportPlan, display, method_facts, order_methods  # noqa: E402
 from .read import Results  # noqa: E402
+from .runlevel import AGG_REPS, POI_REPS  # noqa: E402
 
 #: every figure of the report, by name, in drawing order: ``@figure`` adds one. A figure function
 #: takes (results, plan, cases, stats_dir, cfg) and returns a matplotlib figure; it is written as
@@ -287,6 +288,54 @@ def ranking_stability(results, plan, cases, stats_dir, cfg=None):
     fig.suptitle(f"Ranking stability: {n} bootstrap resamples of the images (area = frequency, "
                  "× median, line 95 %)", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+@figure
+def over_runs(results, plan, cases, stats_dir, cfg=None):
+    """rliable's aggregates over training runs (runlevel.csv): per scope one row of panels,
+    mean and IQM of per-run DC, P(method > baseline), P(method > reference), 95 % CIs."""
+    frame = _read(stats_dir, "runlevel.csv")
+    if frame is None or frame.empty:
+        return placeholder("no run-level statistics (runlevel.csv)")
+    frame = frame.assign(ratio=frame["ratio"].fillna(0).astype(int))  # 0: all cells
+    scopes = list(dict.fromkeys(zip(frame["scope"], frame["dataset"], frame["ratio"])))
+    panels = [("mean", "", f"mean {results.abbrev(plan.metric)} (%)"),
+              ("iqm", "", f"IQM {results.abbrev(plan.metric)} (%)"),
+              ("p_improvement", plan.baseline, f"P(method > {display(plan.baseline)})"),
+              ("p_improvement", plan.reference, f"P(method > {display(plan.reference)})")]
+    methods = order_methods(frame["method"])
+    pal = palette(methods)
+    fig, axes = plt.subplots(len(scopes), 4, figsize=(13, 0.8 + 0.32 * len(methods) * len(scopes)
+                                                       + 0.6 * len(scopes)), squeeze=False)
+    for row, (scope, d, k) in zip(axes, scopes):
+        part = frame[(frame["scope"] == scope) & (frame["dataset"] == d) & (frame["ratio"] == k)]
+        for ax, (stat, vs, label) in zip(row, panels):
+            rows = part[(part["statistic"] == stat) & (part["vs"].fillna("") == vs)]
+            rows = rows.set_index("method")
+            scale = 100 if stat != "p_improvement" else 1
+            for i, m in enumerate(methods):
+                if m not in rows.index:
+                    continue
+                r = rows.loc[m]
+                ax.plot([r["ci_low"] * scale, r["ci_high"] * scale], [i, i], color=pal[m], lw=4,
+                        alpha=0.5, solid_capstyle="butt")
+                ax.plot([r["value"] * scale], [i], "|", color="k", ms=12, mew=1.6)
+            if stat == "p_improvement":
+                ax.axvline(0.5, color="0.4", ls="--", lw=0.8)
+                ax.set_xlim(-0.02, 1.02)
+            ax.set_yticks(range(len(methods)), [display(m) for m in methods] if ax is row[0] else [])
+            ax.set_ylim(len(methods) - 0.5, -0.5)
+            ax.set_xlabel(label)
+            ax.grid(alpha=0.3, axis="x")
+        n_tasks = int(part["n_tasks"].max()) if not part.empty else 0
+        where = f"{d}, 1/{int(k)}" if scope == "cell" else f"all {n_tasks} cells"
+        row[0].set_title(f"{where} ({int(part['n_runs'].max())} runs per task)", fontsize=9,
+                         loc="left")
+    fig.suptitle(f"Over training runs (rliable): tasks = dataset × ratio cells; bars = stratified "
+                 f"bootstrap 95 % CIs over runs ({AGG_REPS} resamples, {POI_REPS} for P), "
+                 f"| = estimate; P counts a tie as 1/2", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97 if len(scopes) > 1 else 0.9))
     return fig
 
 

@@ -255,7 +255,7 @@ def render_latex(frame: pd.DataFrame, title: str, note: str, abbrev, label: str)
                     "±", r"$\pm$").replace("†", r"$^{\dagger}$").replace("‡", r"$^{\ddagger}$")
                 .replace("α", r"$\alpha$").replace("σ", r"$\sigma$").replace("·", r"$\cdot$")
                 .replace("§", r"$^{\S}$").replace("¶", r"$^{\P}$")
-                .replace("—", "---"),
+                .replace("—", "---").replace("\u2212", "$-$"),
                 r"\end{table}", ""]
     return "\n".join(out)
 
