@@ -9,7 +9,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from semibench.config import RunConfig
-from semibench.errors import ConfigError
+from semibench.errors import ConfigError, DataError
 from semibench.workflow.grid import all_runs
 from semibench.workflow.grid import check_names as _check_names
 from semibench.layout import LOGS_DIR, RUNS_DIR
@@ -59,7 +59,8 @@ def _check_params(runs):
     """Fail the dry run on unknown train options, dataset options or method hyperparameters."""
     RunConfig.from_workflow(config, *runs[0])  # checks the train keys
     for dataset in dict.fromkeys(d for d, _, _, _ in runs):
-        get_recipe(dataset, (config.get("datasets") or {}).get(dataset))
+        # a folder dataset's files are checked here, before any job writes anything
+        get_recipe(dataset, (config.get("datasets") or {}).get(dataset)).check_source()
     overrides = config.get("method_params") or {}
     _check_names("method", list(overrides), METHODS, "method_params")
     for method in sorted({m for _, m, _, _ in runs}):
@@ -82,7 +83,7 @@ try:
     RUNS = _all_runs()
     _check_params(RUNS)
     _report_left_out()
-except ConfigError as e:  # one line, no traceback: it is the user's config, not our code
+except (ConfigError, DataError) as e:  # one line, no traceback: the user's config or folder
     sys.exit(f"semibench: error: {e}")
 
 

@@ -41,10 +41,12 @@ def _data_dir(args, cfg: dict) -> Path:
 
 
 def _dataset_options(cfg: dict, name: str) -> dict:
+    from semibench.data.obtain import recipe_of
     from semibench.registry import DATASETS
 
-    DATASETS.get(name)  # unknown name -> ConfigError listing the known ones
-    return dict((cfg.get("datasets") or {}).get(name) or {})
+    options = dict((cfg.get("datasets") or {}).get(name) or {})
+    DATASETS.get(recipe_of(name, options))  # unknown name -> ConfigError listing the known ones
+    return options
 
 
 def check_ratio(method: str, ratio: int) -> None:
@@ -100,20 +102,39 @@ def cmd_split(args) -> None:
     from semibench.data.splits import write_split
 
     cfg = _workflow_config(args)
-    _dataset_options(cfg, args.dataset)
+    options = _dataset_options(cfg, args.dataset)
     out = args.out or split_path(args.dataset, args.seed, cfg.get("splits_dir", SPLITS_DIR))
-    print(write_split(args.dataset, _data_dir(args, cfg), args.seed, Path(out)))
+    print(write_split(args.dataset, _data_dir(args, cfg), args.seed, Path(out), options))
+
+
+def cmd_export(args) -> None:
+    from semibench.data.export import export
+
+    cfg = _workflow_config(args)
+    print(export(args.dataset, args.layout, Path(args.out), _data_dir(args, cfg)))
+
+
+def cmd_predict(args) -> None:
+    from semibench.workflow import gpu
+
+    slot = gpu.claim_for(args.device or "auto")
+    _set_threads(args.threads)
+    from semibench.evaluate.predict import predict_folder
+    opts = {k: v for k, v in (("instances", args.instances), ("min_object_size", args.min_object_size))
+            if v is not None}
+    print(predict_folder(Path(args.run), Path(args.images), Path(args.out), device=args.device, **opts))
+    del slot
 
 
 def cmd_train(args) -> None:
     from semibench.config import RunConfig
-    from semibench.registry import DATASETS, METHODS
+    from semibench.registry import METHODS
     from semibench.workflow import gpu
 
     cfg = _workflow_config(args)
     if args.data_dir:
         cfg["data_dir"] = args.data_dir
-    DATASETS.get(args.dataset)  # unknown names -> ConfigError listing the known ones
+    _dataset_options(cfg, args.dataset)  # unknown names -> ConfigError listing the known ones
     METHODS.get(args.method)
     check_ratio(args.method, args.ratio)
     device = args.device or cfg.get("device", "auto")
@@ -267,6 +288,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="default: <splits_dir>/D/seed<S>.json")
     _config_args(p)
     p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("export", help="write a prepared dataset as a folder in one of the folder "
+                       "layouts (docs/your-data.md)")
+    p.add_argument("dataset", metavar="DATASET", help="a prepared dataset (e.g. synthetic)")
+    p.add_argument("--layout", required=True, choices=("stardist", "cellpose", "nnunet", "per-nucleus"))
+    p.add_argument("out", metavar="OUT", help="the folder to write (new, or empty)")
+    _config_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="segment a folder of new images with a run's best model: "
+                       "NAME.tif labels, NAME_overlay.png, nuclei.csv")
+    p.add_argument("--run", required=True, metavar="DIR", help="a trained run directory (best.pt)")
+    p.add_argument("--images", required=True, metavar="DIR", help="a folder of .tif/.tiff/.png images")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (new, or empty)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
+    p.add_argument("--instances", metavar="MODE",
+                   help="components | watershed (default: as the run's evaluation)")
+    p.add_argument("--min-object-size", type=int, metavar="PX",
+                   help="drop objects of fewer pixels (default: as the run's evaluation)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("train", help="train one run (dataset, method, label ratio, seed)")
     _config_args(p)

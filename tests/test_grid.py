@@ -61,7 +61,7 @@ def test_run_dir_layout():
     ("grid", "methods", ["cdcl", "nosuch"],
      "unknown method(s) 'nosuch' in config grid.methods; known: cac, cct, cdcl, "),
     ("ablation", "datasets", ["mnist", "dsb2018", "cifar"],
-     "unknown dataset(s) 'mnist', 'cifar' in config ablation.datasets; known: dsb2018, monuseg, synthetic"),
+     "unknown dataset(s) 'mnist', 'cifar' in config ablation.datasets; known: dsb2018, folder, monuseg, synthetic"),
     ("grid", "ratios", [8, 0, 64, -2],
      "label ratio(s) 0, -2 in config grid.ratios are not integers k >= 1 (k means 1/k labeled)"),
 ])

@@ -91,5 +91,5 @@ def test_synthetic_bad_options(cfg, message):
 
 
 def test_unknown_dataset_names_the_known_ones(tmp_path):
-    with pytest.raises(ConfigError, match="unknown dataset 'dsb'; known: dsb2018, monuseg, synthetic"):
+    with pytest.raises(ConfigError, match="unknown dataset 'dsb'; known: dsb2018, folder, monuseg, synthetic"):
         ob.prepare("dsb", tmp_path, {})

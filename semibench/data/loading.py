@@ -145,10 +145,11 @@ class SampleCache:
 
 def split_ids(split: dict, ratio: int) -> tuple[list[str], list[str], list[str]]:
     """(labeled, unlabeled, val) ids: labeled from ``split["labeled"][str(ratio)]``, unlabeled
-    = train minus labeled in the split's train order."""
+    = train minus labeled in the split's train order, then the split's ``unlabeled`` pool (images
+    without masks, a folder dataset's), at every ratio."""
     labeled = labeled_ids(split, ratio)
     chosen = set(labeled)
-    unlabeled = [i for i in split["train"] if i not in chosen]
+    unlabeled = [i for i in split["train"] if i not in chosen] + list(split.get("unlabeled") or [])
     if not labeled:
         raise DataError(f"split of {split.get('dataset')} seed {split.get('seed')} has no labeled samples at 1/{ratio}")
     if not split.get("val"):

@@ -118,10 +118,28 @@ class Recipe:
         """Sources of generated datasets (no archives); archive datasets record archive sha256s."""
         return {}
 
+    def check_source(self) -> Any:
+        """Checks of inputs that are not archives (a folder's files), run before any work: by
+        ``obtain`` and when the workflow starts. Raises DataError; the default checks nothing."""
+
+
+def recipe_of(name: str, ds_cfg: Mapping | None = None) -> str:
+    """The registered recipe behind dataset ``name``: ``datasets.<name>.recipe`` (a folder
+    dataset under a name the user picks), else ``name`` itself."""
+    recipe = (ds_cfg or {}).get("recipe", name)
+    if not isinstance(recipe, str):
+        raise ConfigError(f"datasets.{name}.recipe must be a recipe name, got {recipe!r}")
+    return recipe
+
 
 def get_recipe(name: str, ds_cfg: Mapping | None = None) -> Recipe:
-    cls = DATASETS.get(name)
-    return cls(ds_cfg)
+    """The recipe object of dataset ``name`` with its config options; ``recipe.name`` is ``name``."""
+    options = {k: v for k, v in (ds_cfg or {}).items() if k != "recipe"}
+    cls = DATASETS.get(recipe_of(name, ds_cfg))
+    recipe = cls.__new__(cls)
+    recipe.name = name  # before __init__, so its messages say datasets.<name>
+    recipe.__init__(options)
+    return recipe
 
 
 def sha256_file(path: str | Path) -> str:
@@ -241,6 +259,7 @@ def _archive_records(recipe: Recipe, located: Mapping[str, dict]) -> dict:
 def obtain(name: str, data_dir: str | Path = "data", ds_cfg: Mapping | None = None) -> dict:
     """Find or download every archive; write ``<data_dir>/raw/<name>/archives.json``."""
     recipe = get_recipe(name, ds_cfg)
+    recipe.check_source()  # before anything is written
     located = locate(recipe, data_dir, download=True)
     records = _archive_records(recipe, located)
     write_json_atomic(raw_dir(name, data_dir) / "archives.json", records)
@@ -252,6 +271,7 @@ def verify(name: str, data_dir: str | Path = "data", ds_cfg: Mapping | None = No
     replaced since ``obtain`` (a truncated download swapped for the real file) is recorded anew
     in ``archives.json`` too, so the two files never name different bytes."""
     recipe = get_recipe(name, ds_cfg)
+    recipe.check_source()  # before anything is written
     out_path = raw_dir(name, data_dir) / "verified.json"
     out_path.unlink(missing_ok=True)  # a failed verify must not leave an old success behind
     located = locate(recipe, data_dir, download=False)
@@ -274,6 +294,7 @@ def verify(name: str, data_dir: str | Path = "data", ds_cfg: Mapping | None = No
 def prepare(name: str, data_dir: str | Path = "data", ds_cfg: Mapping | None = None) -> Path:
     """Write ``<data_dir>/prepared/<name>/`` (see :mod:`semibench.data.prepared`) atomically."""
     recipe = get_recipe(name, ds_cfg)
+    recipe.check_source()  # before anything is written
     located = locate(recipe, data_dir, download=False)
     archives = {fn: Path(loc["path"]) for fn, loc in located.items()}
     sources = {fn: check_archive(_spec(recipe, fn), p, recipe)["sha256"] for fn, p in archives.items()}

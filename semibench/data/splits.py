@@ -12,6 +12,9 @@ Rules (data-layer issue, section 3):
 - Fractional policy (DSB, synthetic): n_train = round((1 − val − test)·n), n_val = round(val·n),
   test = the rest. Official policy (MoNuSeg): the publisher's ``test`` subset is the test set;
   n_val = round(val·n) of the n training images go to val, the rest to train.
+- Samples of subset ``unlabeled`` (a folder dataset's images without masks) are listed under
+  ``unlabeled`` (only when there are some, so other files keep their bytes): unlabeled at every
+  ratio, never in train/val/test.
 - ``labeled[k]`` = max(1, round(n_train / k)) train samples; nested, because every ratio takes a
   prefix of one ordering (the *labeled order*, :func:`labeled_order`): labeled[128] ⊂ labeled[64]
   ⊂ labeled[32] ⊂ labeled[16] ⊂ labeled[8] ⊂ labeled[1] = train. The file stores the ratios of
@@ -97,8 +100,12 @@ def make_split(dataset: str, seed: int, refs: Sequence, policy: SplitPolicy,
     ids = {k: sorted(s for img in imgs for s in samples_of[img]) for k, imgs in parts.items()}
     ranked = labeled_order(dataset, seed, ids["train"])
     labeled = {str(k): labeled_prefix(ranked, k) for k in sorted(set(ratios), reverse=True)}
-    return {"dataset": dataset, "seed": int(seed), "train": ids["train"], "val": ids["val"],
-            "test": ids["test"], "labeled": labeled}
+    split = {"dataset": dataset, "seed": int(seed), "train": ids["train"], "val": ids["val"],
+             "test": ids["test"], "labeled": labeled}
+    pool = sorted(s for i, sub in subset_of.items() if sub == "unlabeled" for s in samples_of[i])
+    if pool:  # images without masks (a folder dataset's pool): unlabeled at every ratio
+        split["unlabeled"] = pool
+    return split
 
 
 def labeled_order(dataset: str, seed: int, train_ids: Iterable[str]) -> list[str]:
@@ -145,11 +152,13 @@ def default_split_path(name: str, seed: int, splits_dir: str | Path = SPLITS_DIR
     return split_path(name, seed, splits_dir)
 
 
-def write_split(name: str, data_dir: str | Path, seed: int, out: str | Path | None = None) -> Path:
-    """Split the prepared dataset ``<data_dir>/prepared/<name>`` with its recipe's policy."""
-    from semibench.registry import DATASETS
+def write_split(name: str, data_dir: str | Path, seed: int, out: str | Path | None = None,
+                ds_cfg: dict | None = None) -> Path:
+    """Split the prepared dataset ``<data_dir>/prepared/<name>`` with its recipe's policy
+    (``ds_cfg``: the dataset's config options, which a folder dataset's policy depends on)."""
+    from semibench.data.obtain import get_recipe
 
-    policy = DATASETS.get(name).split_policy
+    policy = get_recipe(name, ds_cfg).split_policy
     manifest = PreparedDataset(Path(data_dir) / "prepared" / name).manifest
     if manifest.get("dataset") != name:
         raise DataError(f"{data_dir}/prepared/{name}/manifest.json is for dataset {manifest.get('dataset')!r}")

@@ -44,8 +44,8 @@ def check_schema(config: Mapping) -> None:
         raise ConfigError(f"invalid config at {where}: {error.message}")
 
 
-def check_names(kind: str, names, registry, where: str) -> None:
-    known = registry.names()
+def check_names(kind: str, names, registry, where: str, extra=()) -> None:
+    known = registry.names() + [n for n in extra if n not in registry.names()]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ConfigError(
@@ -74,7 +74,9 @@ def section_runs(config: Mapping, name: str) -> list[Run]:
     methods = list(section["methods"])
     if section.get("fullsup") and "fullsup" not in methods:
         methods.append("fullsup")
-    check_names("dataset", section["datasets"], DATASETS, f"{name}.datasets")
+    # a dataset the config defines with a recipe (``datasets.mylab.recipe: folder``) is known too
+    defined = [n for n, o in (config.get("datasets") or {}).items() if isinstance(o, Mapping) and "recipe" in o]
+    check_names("dataset", section["datasets"], DATASETS, f"{name}.datasets", defined)
     check_names("method", methods, METHODS, f"{name}.methods")
     bad = [k for k in section["ratios"] if isinstance(k, bool) or not isinstance(k, int) or k < 1]
     if bad:
