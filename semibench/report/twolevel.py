@@ -17,7 +17,7 @@ from ..errors import DataError
 from .stats import StatOptions, pair_cases
 
 TWO_LEVEL_REPS = 2000  # two-level resamples per comparison (numpy, milliseconds)
-STUDIES = 1000  # simulated studies per seed count in seeds_needed
+STUDIES = 2000  # simulated studies per seed count in seeds_needed
 POOL = 2000  # image-level resample means kept per observed seed for the simulation
 MAX_SEEDS = 50  # seeds_needed searches 2..MAX_SEEDS and says "> 50" beyond
 POWER = 0.8
