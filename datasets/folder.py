@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from fractions import Fraction
 from pathlib import Path
 from typing import Mapping
@@ -94,6 +95,10 @@ class Folder(Recipe):
             o = self.options
             self._source = f.scan(o["path"], self.layout, o.get("test"), o.get("unlabeled"),
                                   where=f"datasets.{self.name}.path")
+            s = self._source
+            print(f"semibench: note: datasets.{self.name}: layout {s.layout}"
+                  f"{' (detected)' if s.detected else ''}, {s.count('train')} annotated images, "
+                  f"{s.count('test')} test, {s.count('unlabeled')} unlabeled", file=sys.stderr)
         return self._source
 
     check_source = source  # the workflow checks a folder before any job (rules/common.smk)

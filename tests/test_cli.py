@@ -14,7 +14,7 @@ from semibench.registry import DATASETS, METHODS
 
 PAPER_METHODS = {"suponly", "fullsup", "meanteacher", "cdcl"} | {f"cdcl-scheme{i}" for i in range(1, 7)}
 VERBS = ("datasets", "methods", "obtain", "verify", "prepare", "split", "train", "evaluate",
-         "report", "gpu-slot")
+         "report", "gpu-slot", "export", "predict")
 
 
 def run_cli(*args, **kw) -> subprocess.CompletedProcess:

@@ -58,7 +58,7 @@ class Entry:
 
 # ------------------------------------------------------------------ files and headers
 
-def _images_in(folder: Path) -> dict[str, Path]:
+def images_in(folder: Path) -> dict[str, Path]:
     """{stem: file} of the image files directly in ``folder``; one name in two formats is refused."""
     found: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
@@ -250,12 +250,12 @@ def _stardist(path: Path) -> list[tuple[str, tuple, tuple, str]]:
     for sub in ("images", "masks"):
         if not (path / sub).is_dir():
             raise DataError(f"{path}: no {sub}/ folder (stardist layout: images/ + masks/)")
-    pairs = _pair(_images_in(path / "images"), _images_in(path / "masks"), path / "images")
+    pairs = _pair(images_in(path / "images"), images_in(path / "masks"), path / "images")
     return [(n, (i,), (m,), "labels") for n, i, m in pairs]
 
 
 def _cellpose(path: Path) -> list[tuple[str, tuple, tuple, str]]:
-    files = _images_in(path)
+    files = images_in(path)
     masks = {s[:-len("_masks")]: p for s, p in files.items()
              if s.endswith("_masks") and not s.endswith("_cp_masks")}
     rest = {s: p for s, p in files.items() if not s.endswith("_masks")
@@ -283,7 +283,7 @@ def _nnunet_labels(path: Path) -> int:
 
 def _nnunet_cases(images_dir: Path, labels_dir: Path, path: Path) -> list[tuple[str, tuple, tuple, str]]:
     channels: dict[str, dict[int, Path]] = {}
-    for stem, p in _images_in(images_dir).items():
+    for stem, p in images_in(images_dir).items():
         case, sep, ch = stem.rpartition("_")
         if not sep or len(ch) != 4 or not ch.isdigit():
             raise DataError(f"{p}: an nnU-Net image is named CASE_0000{p.suffix} (channel suffix missing)")
@@ -292,17 +292,17 @@ def _nnunet_cases(images_dir: Path, labels_dir: Path, path: Path) -> list[tuple[
         if sorted(chs) != list(range(len(chs))):
             raise DataError(f"{images_dir}: case {case!r} has channels {sorted(chs)}, expected 0..{len(chs) - 1}")
     firsts = {c: chs[0] for c, chs in channels.items()}
-    pairs = _pair(firsts, _images_in(labels_dir), images_dir)
+    pairs = _pair(firsts, images_in(labels_dir), images_dir)
     return [(n, tuple(channels[n][k] for k in sorted(channels[n])), (m,), "semantic") for n, _, m in pairs]
 
 
 def _per_nucleus(path: Path) -> list[tuple[str, tuple, tuple, str]]:
     out = []
     for d in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        images = _images_in(d / "images") if (d / "images").is_dir() else {}
+        images = images_in(d / "images") if (d / "images").is_dir() else {}
         if d.name not in images:
             raise DataError(f"{d}: no images/{d.name}.png (per-nucleus layout: ID/images/ID.png + ID/masks/)")
-        masks = _images_in(d / "masks") if (d / "masks").is_dir() else {}
+        masks = images_in(d / "masks") if (d / "masks").is_dir() else {}
         if not masks:
             raise DataError(f"{images[d.name]}: image without a mask (no {d.name}/masks/*.png)")
         out.append((_check_name(d.name, d), (images[d.name],), tuple(masks[k] for k in sorted(masks)),
@@ -393,7 +393,7 @@ def scan(path, layout: str | None = None, test=None, unlabeled=None, where: str 
         rows += [("test", *r[1:]) for r in list_layout(test_root, detect(test_root))]
     if unlabeled is not None:
         pool_root = _folder(unlabeled, where.rsplit(".", 1)[0] + ".unlabeled")
-        pool = _images_in(pool_root)
+        pool = images_in(pool_root)
         if not pool:
             raise DataError(f"{pool_root}: no images (.tif, .tiff, .png)")
         rows += [("unlabeled", _check_name(n, p), (p,), (), "none") for n, p in sorted(pool.items())]
