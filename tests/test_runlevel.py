@@ -168,7 +168,9 @@ def test_significant_over_images_but_not_over_runs_is_said_so(tmp_path):
     comps_frame = build.read_comparisons(tmp_path / "stats" / "comparisons.csv")
     build.write_tables(results, plan, tmp_path / "tables", comps_frame)
     md = (tmp_path / "tables" / "table1.md").read_text()
-    assert f"CDCL vs SupOnly (dsb2018 1/32): {words}" in md
+    assert ("Significant over test images; not established over training runs: SupOnly vs CDCL "
+            "(dsb2018 1/32; 3 seeds: \u22127.00, \u22120.84, +0.02), CDCL vs SupOnly (dsb2018 1/32; 3 "
+            "seeds: +7.00, +0.84, \u22120.02).") in md
     assert "$-$0.02" in (tmp_path / "tables" / "table1.tex").read_text()
     # runlevel.csv: rliable's numbers for the same runs
     run = pd.read_csv(tmp_path / "stats" / "runlevel.csv")
@@ -203,3 +205,21 @@ def test_annotate_uses_each_seeds_own_images():
     diffs = twolevel.seed_differences(seed_level, "dsb2018", 8, "a", "b")
     assert [d.tolist() for d in diffs] == [[0.1] * 4, [0.0] * 4]
     assert twolevel.two_level_ci(diffs, OPT) == (pytest.approx(0.0), pytest.approx(0.1))
+
+
+def test_footnote_groups_the_claims():
+    frame = pd.DataFrame({
+        "family": ["vs_baseline"] * 3 + ["ablation"], "dataset": "d", "ratio": 8,
+        "a": ["x", "y", "z", "w"], "b": "base",
+        "holds_over": ["images", "neither", "images", "both"],
+        "claim": ["significant over test images; not assessable over training runs (one seed: no spread)",
+                  "not significant over test images; not assessable over training runs (one seed: no spread)",
+                  "significant over test images; not assessable over training runs (one seed: no spread)",
+                  "significant over test images; established over training runs (2 seeds: +1.00, +2.00)"]})
+    note = twolevel.claims_note(frame, ["vs_baseline"], str.upper)
+    assert note.endswith("excludes 0). Significant over test images; not assessable over training runs "
+                         "(one seed: no spread): X vs BASE (d 1/8), Z vs BASE (d 1/8).")
+    assert "Y vs" not in note and "W vs" not in note  # neither; another family
+    assert twolevel.claims_note(frame, ["ablation"], str).endswith(
+        "Significant over test images; established over training runs: w vs base (d 1/8; 2 seeds: "
+        "+1.00, +2.00).")

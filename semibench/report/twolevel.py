@@ -137,16 +137,23 @@ def annotate(comparisons: pd.DataFrame, seed_level: pd.DataFrame,
 
 
 def claims_note(comparisons: pd.DataFrame | None, families, display) -> str:
-    """Table footnote sentence: for each comparison of ``families`` that holds over test images
-    or over runs, which of the two (the marks are claims over test images only)."""
+    """Table footnote sentence: the comparisons of ``families`` that hold over test images or
+    over runs, grouped by which of the two (the marks are claims over test images only)."""
     if comparisons is None or comparisons.empty or "holds_over" not in comparisons:
         return ""
     rows = comparisons[comparisons["family"].isin(families)
                        & comparisons["holds_over"].isin(["both", "images", "runs"])]
-    if rows.empty:
+    groups: dict = {}
+    for r in rows.itertuples():
+        head, _, seeds = r.claim.partition(" over training runs (")
+        where = f"{display(r.a)} vs {display(r.b)} ({r.dataset} 1/{int(r.ratio)}"
+        if seeds.startswith("one seed"):  # the same for every row: say it once in the head
+            groups.setdefault(r.claim, []).append(where + ")")
+        else:
+            groups.setdefault(head + " over training runs", []).append(f"{where}; {seeds}")
+    if not groups:
         return ""
-    parts = [f"{display(r.a)} vs {display(r.b)} ({r.dataset} 1/{int(r.ratio)}): {r.claim}"
-             for r in rows.itertuples()]
+    parts = [f"{head[0].upper()}{head[1:]}: {', '.join(items)}" for head, items in groups.items()]
     return (" Over test images and over training runs (a mark is a claim over test images; over "
-            "runs = the two-level bootstrap 95 % CI of the difference, seeds then images, excludes 0): "
-            + "; ".join(parts) + ".")
+            "runs = the two-level bootstrap 95 % CI of the difference, seeds then images, "
+            "excludes 0). " + ". ".join(parts) + ".")
