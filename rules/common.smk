@@ -134,7 +134,13 @@ def report_config_json(wildcards=None):
     """What the report steps see: the two tables' cells and the report options (changing a
     training option does not rerun them; the runs' files do)."""
     keys = ("data_dir", "grid", "ablation", "report")
-    return json.dumps({k: config.get(k) for k in keys if k in config}, sort_keys=True)
+    doc = {k: config.get(k) for k in keys if k in config}
+    # datasets the config names with a recipe (a folder): the report's grid must know them
+    named = {n: {"recipe": o["recipe"]} for n, o in (config.get("datasets") or {}).items()
+             if isinstance(o, dict) and "recipe" in o}
+    if named:
+        doc["datasets"] = named
+    return json.dumps(doc, sort_keys=True)
 
 
 def all_per_image():

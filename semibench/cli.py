@@ -134,7 +134,10 @@ def cmd_train(args) -> None:
     cfg = _workflow_config(args)
     if args.data_dir:
         cfg["data_dir"] = args.data_dir
-    _dataset_options(cfg, args.dataset)  # unknown names -> ConfigError listing the known ones
+    # a prepared dataset is trainable whatever recipe made it (the train rule passes no datasets
+    # section); otherwise an unknown name -> ConfigError listing the known ones
+    if not (Path(cfg.get("data_dir", "data")) / "prepared" / args.dataset / "manifest.json").is_file():
+        _dataset_options(cfg, args.dataset)
     METHODS.get(args.method)
     check_ratio(args.method, args.ratio)
     device = args.device or cfg.get("device", "auto")

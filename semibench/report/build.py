@@ -25,6 +25,7 @@ from .tables import (
     render_all,
     summarize,
     table_metrics,
+    unlabeled_note,
 )
 
 STATS_FILES = ["comparisons.csv", "comparisons.html", "friedman.csv", "pairwise.csv",
@@ -268,7 +269,8 @@ def table_texts(results: Results, plan: ReportPlan, comparisons: pd.DataFrame | 
                         results.abbrev, upper_bound=UPPER_BOUND in section.methods,
                         n_seeds_found=frame.loc[frame["metric"] == metrics[0], "n_seeds"],
                         notes=notes, pre_gate=selection_notes(results, section)) \
-            + twolevel.claims_note(comparisons, fams, display) + beyond_paper_note(section.methods)
+            + twolevel.claims_note(comparisons, fams, display) + beyond_paper_note(section.methods) \
+            + unlabeled_note(results, section.datasets)
         what = ("segmentation of the test sets" if name == "table1"
                 else f"ablation, {results.abbrev(plan.metric)}")
         for suffix, text in render_all(frame, f"{title}: {what}", note, results.abbrev,

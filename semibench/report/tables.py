@@ -211,6 +211,20 @@ def beyond_paper_note(methods) -> str:
             f"on the same network, data, splits and engine (no paper numbers to compare with).")
 
 
+def unlabeled_note(results: Results, datasets) -> str:
+    """The unlabeled images each ratio's runs had, for datasets with an unlabeled pool (a folder
+    dataset's ``unlabeled``: its ratio-1 runs have some); "" if none. Read from train_done."""
+    have: dict[str, dict[int, int]] = {}
+    for (d, _m, k, _s), (_e, _start, n) in results.selected.items():
+        have.setdefault(d, {})[k] = max(n, have.get(d, {}).get(k, 0))
+    parts = [f"{d} " + ", ".join(f"{ratio_label(k)}: {n}" for k, n in sorted(have[d].items(), reverse=True))
+             for d in datasets if have.get(d, {}).get(1)]
+    if not parts:
+        return ""
+    return (f" Unlabeled images available to the semi-supervised runs (hidden-label training "
+            f"images plus the unlabeled pool): {'; '.join(parts)}.")
+
+
 def render_markdown(frame: pd.DataFrame, title: str, note: str, abbrev) -> str:
     out = [f"# {title}", ""]
     for dataset in dict.fromkeys(frame["dataset"]):
