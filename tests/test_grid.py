@@ -122,3 +122,24 @@ def test_mini_benchmark_is_the_dsb_1_128_study_run_for_run():
         b = RunConfig.from_workflow(study, *run).to_dict()
         assert a == b, run
     assert mini["threads"] == study["threads"]  # one thread per run: the same float sums
+
+
+def test_paper_cpu_study_holds_every_mini_run_with_the_same_config():
+    """config/studies/paper-cpu.yaml (Table 1 and Table 2 at DSB 1/128) is a superset of the mini
+    benchmark: each mini run is one of its runs under the same resolved config, so the mini
+    runs' files count for it."""
+    from semibench.config import RunConfig
+
+    base = [ROOT / "config" / "config.yaml"]
+    mini = load_workflow_config([*base, ROOT / "config" / "studies" / "mini.yaml"])
+    paper = load_workflow_config([*base, ROOT / "config" / "studies" / "paper-cpu.yaml"])
+    table1 = ("suponly", "meanteacher", "tcsmv2", "cutmix", "cct", "gct", "cac", "cdcl", "fixmatch", "unimatch")
+    want = [Run("dsb2018", m, 128, s) for m in table1 for s in (0, 1, 2)]
+    want += [Run("dsb2018", "fullsup", 1, s) for s in (0, 1, 2)]
+    want += [Run("dsb2018", f"cdcl-scheme{k}", 128, s) for k in range(1, 7) for s in (0, 1, 2)]
+    runs = all_runs(paper)
+    assert sorted(runs) == sorted(want)
+    for run in all_runs(mini):
+        assert run in runs
+        assert RunConfig.from_workflow(mini, *run).to_dict() == RunConfig.from_workflow(paper, *run).to_dict(), run
+    assert RunConfig.from_workflow(paper, "dsb2018", "gct", 128, 0).resolved().method_params["fd_channels"] == 64
