@@ -5,7 +5,6 @@ method) becomes a small placeholder that says why, so the other figures and the 
 build."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +20,7 @@ from semibench.atomic import write_atomic
 from .plan import UPPER_BOUND, ReportPlan, display, method_facts, order_methods  # noqa: E402
 from .read import Results  # noqa: E402
 from .runlevel import AGG_REPS, POI_REPS  # noqa: E402
+from .seeding import seeded  # noqa: E402
 
 #: every figure of the report, by name, in drawing order: ``@figure`` adds one. A figure function
 #: takes (results, plan, cases, stats_dir, cfg) and returns a matplotlib figure; it is written as
@@ -45,16 +45,6 @@ def palette(methods) -> dict:
 METADATA = {"pdf": {"CreationDate": None}, "png": {}}
 
 
-@contextmanager
-def seeded(seed: int):
-    """seaborn's strip-plot jitter draws from numpy's global generator: seed it for one figure
-    (so the figure is reproducible) and give the caller's state back afterwards."""
-    state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        yield
-    finally:
-        np.random.set_state(state)
 
 
 def _save(fig, out_dir: Path, name: str) -> list[Path]:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
-from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
 
 from .plan import UPPER_BOUND, ReportPlan, order_methods
 from .read import Results
+from .seeding import seeded
 
 AGG_REPS = 2000  # stratified bootstrap resamples of the mean and IQM
 POI_REPS = 500  # of the probability of improvement (one Mann-Whitney U per task and resample)
@@ -43,16 +43,6 @@ def rliable():
     return library, metrics
 
 
-@contextmanager
-def _global_seed(seed: int):
-    """rliable's StratifiedBootstrap draws its indices from numpy's global generator: seed it
-    (reproducible CIs) and give the caller's state back afterwards."""
-    state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        yield
-    finally:
-        np.random.set_state(state)
 
 
 def _memo(func):
@@ -104,7 +94,7 @@ def aggregates(matrix: np.ndarray, seed: int, reps: int = AGG_REPS, confidence: 
     def both(x):
         return np.array([metrics.aggregate_mean(x), metrics.aggregate_iqm(x)])
 
-    with _global_seed(seed):
+    with seeded(seed):
         point, ci = library.get_interval_estimates({"m": matrix}, _memo(both), reps=reps,
                                                    confidence_interval_size=confidence)
     return {name: (float(point["m"][i]), float(ci["m"][0, i]), float(ci["m"][1, i]))
@@ -121,7 +111,7 @@ def p_improvement(x: np.ndarray, y: np.ndarray, seed: int, reps: int = POI_REPS,
     def poi(a, b):  # rliable's P is the mean of its per-task P: one task at a time, each once
         return np.array([np.mean([per_task(a[:, [j]], b[:, [j]]) for j in range(a.shape[1])])])
 
-    with _global_seed(seed):
+    with seeded(seed):
         point, ci = library.get_interval_estimates({"p": [x, y]}, poi, reps=reps,
                                                    confidence_interval_size=confidence)
     return float(point["p"][0]), float(ci["p"][0, 0]), float(ci["p"][1, 0])
