@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], None], *,
@@ -34,3 +36,21 @@ def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], None], *
 def write_json_atomic(path: str | Path, obj) -> Path:
     """``obj`` as indented JSON (non-JSON values as ``str``), written atomically."""
     return write_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
+
+
+@contextmanager
+def new_folder(out: str | Path) -> Iterator[Path]:
+    """A folder written whole or not at all: the block fills a hidden temporary sibling (yielded),
+    which replaces ``out`` (absent or an empty folder) when the block succeeds; on an error
+    nothing is left behind."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -63,3 +63,19 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     with pytest.raises(UnicodeEncodeError):
         write_atomic(out, "é", encoding="ascii")  # split files are ASCII: refused, not mangled
     assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_new_folder_appears_whole_or_not_at_all(tmp_path):
+    from semibench.atomic import new_folder
+
+    out = tmp_path / "out"
+    out.mkdir()  # an empty folder may be replaced
+    with new_folder(out) as tmp:
+        (tmp / "a.txt").write_text("a")
+        assert not (out / "a.txt").exists()  # nothing visible until the block ends
+    assert (out / "a.txt").read_text() == "a"
+    with pytest.raises(RuntimeError):
+        with new_folder(tmp_path / "failed") as tmp:
+            (tmp / "half.txt").write_text("x")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no folder, no temporary

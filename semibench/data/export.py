@@ -19,15 +19,13 @@ existing ``OUT`` that is not empty is refused.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from semibench.atomic import new_folder
 from semibench.data.folder import LAYOUTS
 from semibench.data.prepared import PreparedDataset
 from semibench.errors import ConfigError, DataError
@@ -78,10 +76,7 @@ def export(dataset: str, layout: str, out: str | Path, data_dir: str | Path = "d
         raise DataError(f"{out} already exists and is not an empty folder")
     prepared = PreparedDataset(Path(data_dir) / "prepared" / dataset)
     rows = [r for r in prepared.manifest["samples"] if r.get("subset") in ("train", "test")]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.mkdir()
+    with new_folder(out) as tmp:
         if layout == "nnunet":
             n_train = sum(r["subset"] == "train" for r in rows)
             (tmp / "dataset.json").write_text(json.dumps({
@@ -93,9 +88,4 @@ def export(dataset: str, layout: str, out: str | Path, data_dir: str | Path = "d
             s = prepared.load(r["id"])
             root = tmp / "test" if r["subset"] == "test" else tmp
             _write(layout, root, r["id"], s.image, s.label)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +33,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from semibench.atomic import new_folder
 from semibench.config import RunConfig
 from semibench.data.folder import images_in, probe, read_array, to_rgb8
 from semibench.data.loading import preprocess
@@ -161,10 +159,7 @@ def predict_folder(run_dir: Path, images_dir: Path, out: Path, device: str | Non
     model, _ = load_inference_model(run_dir, cfg)
     dev = resolve_device(device or "auto")
     model.eval().to(dev)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with new_folder(out) as tmp:
         rows: list[dict] = []
         for name, p in tqdm(sorted(images.items()), desc="predict", unit="img"):
             rgb = to_rgb8(read_array(p), p)
@@ -178,9 +173,4 @@ def predict_folder(run_dir: Path, images_dir: Path, out: Path, device: str | Non
             writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
