@@ -42,9 +42,9 @@ from semibench.evaluate.instances import check_instance_options, instances_from_
 from semibench.evaluate.score import (
     DEFAULT_INSTANCES,
     DEFAULT_MIN_OBJECT_SIZE,
-    _read_json,
     full_size_logits,
     load_inference_model,
+    read_run_json,
 )
 from semibench.train.device import resolve_device
 
@@ -137,7 +137,7 @@ def _evaluate_options(run_dir: Path, instances: str | None, min_object_size: int
 def predict_folder(run_dir: Path, images_dir: Path, out: Path, device: str | None = None,
                    instances: str | None = None, min_object_size: int | None = None) -> Path:
     run_dir, images_dir, out = Path(run_dir), Path(images_dir), Path(out)
-    cfg = RunConfig.from_dict(_read_json(run_dir / "config.json", "not a run directory"))
+    cfg = RunConfig.from_dict(read_run_json(run_dir / "config.json", "not a run directory"))
     if not (run_dir / "best.pt").is_file():
         raise DataError(f"{run_dir / 'best.pt'} not found: the run has not finished training")
     mode, min_size = _evaluate_options(run_dir, instances, min_object_size)

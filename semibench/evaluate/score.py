@@ -81,7 +81,7 @@ def versions() -> dict[str, str]:
             "semibench": semibench.__version__}
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_run_json(path: Path, what: str) -> dict:
     if not path.exists():
         raise DataError(f"{path} not found: {what}")
     try:
@@ -274,8 +274,8 @@ def _clear_stale(run_dir: Path) -> None:
 
 
 def _load_run(run_dir: Path) -> tuple[RunConfig, dict, list[str], PreparedDataset]:
-    cfg = RunConfig.from_dict(_read_json(run_dir / "config.json", "not a run directory"))
-    train_done = _read_json(run_dir / "train_done.json", "the run has not finished training")
+    cfg = RunConfig.from_dict(read_run_json(run_dir / "config.json", "not a run directory"))
+    train_done = read_run_json(run_dir / "train_done.json", "the run has not finished training")
     split = load_split(cfg.splits_dir, cfg.dataset, cfg.seed)
     test_ids = list(split.get("test") or [])
     if not test_ids:
@@ -385,7 +385,7 @@ def rescore_run(run_dir: Path, instances: str = DEFAULT_INSTANCES,
                         f"test samples (e.g. {missing[0]}); run `semibench evaluate --run {run_dir}` "
                         "without --metrics-only first")
     info_path = pred_dir / INFERENCE_INFO
-    inference = _read_json(info_path, "saved predictions without their record") \
+    inference = read_run_json(info_path, "saved predictions without their record") \
         if info_path.exists() else {}
     t1 = time.perf_counter()
     rows = _score_rows(((i, dataset.load(i).label, _load_mask_png(pred_dir / f"{i}.png"))
