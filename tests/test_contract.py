@@ -20,7 +20,7 @@ from semibench.losses import supervised_loss
 from semibench.method import Method, check_method_class
 from semibench.registry import METHODS, Registry
 from semibench.testing import toy_config
-from semibench.train.engine import Trainer
+from semibench.train.engine import Trainer, done_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,6 +181,9 @@ def test_engine_draws_n_unlabeled_batches(toy_root, tmp_path):
         tr = Trainer(toy_config(toy_root, "_test_three", batch_labeled=2, batch_unlabeled=2), tmp_path)
         tr.train_step(0, 0)
     assert tr.images_per_step == 2 + 3 * 2
+    assert done_record(tr, [], "", 0.0)["unlabeled_per_step"] == 3 * 2  # the report's "trained on unlabeled"
+    sup = Trainer(toy_config(toy_root, "suponly", batch_unlabeled=2), tmp_path / "sup")
+    assert done_record(sup, [], "", 0.0)["unlabeled_per_step"] == 0
     batch = tr.batches.batch(0, 1)
     views = [v["image"] for v in batch.unlabeled_batches()]
     assert len(views) == 3 and all(v.shape == (2, 3, 64, 64) for v in views)

@@ -366,10 +366,10 @@ def test_comparisons_page_in_points_with_stable_ids(tmp_path):
     assert (tmp_path / "again" / "stats" / "comparisons.html").read_text() == page
 
 
-def _set_selection(metrics_file: Path, epoch: int, start: int, unlabeled: int) -> None:
+def _set_selection(metrics_file: Path, epoch: int, start: int, unlabeled: int, **done) -> None:
     doc = json.loads(metrics_file.read_text())
     doc["meta"].update(checkpoint={"epoch": epoch}, config={"train": {"unsup_start_epoch": start}},
-                       train_done={"n_unlabeled": unlabeled})
+                       train_done={"n_unlabeled": unlabeled, **done})
     metrics_file.write_text(json.dumps(doc))
 
 
@@ -383,11 +383,19 @@ def test_footnote_names_runs_selected_before_the_unsupervised_start(tmp_path):
     _set_selection(by_run[("dsb2018", "meanteacher", "r32", "seed0")], 2, 2, 100)  # at the gate
     _set_selection(by_run[("dsb2018", "cdcl", "r8", "seed2")], 4, 5, 100)
     _set_selection(by_run[("dsb2018", "fullsup", "r1", "seed0")], 0, 2, 0)  # no unlabeled images
+    # SupOnly has unlabeled images in its split but never loads one: a record that says so, and
+    # one written before train_done.json recorded it (the registry says SupOnly has no views)
+    _set_selection(by_run[("dsb2018", "suponly", "r32", "seed1")], 1, 2, 100, unlabeled_per_step=0)
+    _set_selection(by_run[("dsb2018", "suponly", "r8", "seed1")], 0, 2, 100)
+    # a semi-supervised record with the new field is named by it
+    _set_selection(by_run[("dsb2018", "cdcl", "r32", "seed1")], 0, 2, 100, unlabeled_per_step=16)
     _table(tmp_path, files)
     md = (tmp_path / "tables" / "table1.md").read_text()
     assert ("Selected (best validation epoch) before the unsupervised losses start, so scored with "
             "a network that never trained on an unlabeled image: CDCL dsb2018 1/8 seed 2 (epoch 4, "
-            "start 5); MeanTeacher dsb2018 1/32 seed 1 (epoch 1, start 2).") in md
+            "start 5); CDCL dsb2018 1/32 seed 1 (epoch 0, start 2); MeanTeacher dsb2018 1/32 seed 1 "
+            "(epoch 1, start 2).") in md
+    assert "SupOnly dsb2018" not in md
     assert "seed 0 (epoch" not in md
     _table(tmp_path / "plain", make_runs(tmp_path / "runs2"))
     assert "Selected (best" not in (tmp_path / "plain" / "tables" / "table1.md").read_text()

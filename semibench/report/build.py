@@ -135,8 +135,8 @@ def selection_notes(results: Results, section=None) -> list[str]:
     precedes the unsupervised losses' start: the network they are scored with never saw an
     unlabeled image, so their row measures the labeled stage only."""
     notes = []
-    for (dataset, method, ratio, seed), (epoch, start, unlabeled) in sorted(results.selected.items()):
-        if unlabeled > 0 and epoch < start and (
+    for (dataset, method, ratio, seed), (epoch, start, _, per_step) in sorted(results.selected.items()):
+        if per_step > 0 and epoch < start and (
                 section is None or (dataset in section.datasets and method in section.methods)):
             notes.append(f"{display(method)} {dataset} 1/{ratio} seed {seed} "
                          f"(epoch {epoch}, start {start})")

@@ -18,8 +18,9 @@ from typing import Iterable
 
 import pandas as pd
 
-from semibench.errors import DataError
+from semibench.errors import ConfigError, DataError
 from semibench.layout import RUN_PATH, run_key
+from semibench.registry import METHODS
 
 CONVENTIONS = ("per_image_mean", "pooled")
 RUN_KEYS = ["dataset", "method", "ratio", "seed"]
@@ -45,7 +46,8 @@ class Results:
     metrics:   name -> {"abbrev", "kind", "higher_is_better"}, in the order of the first run
     run_dirs:  (dataset, method, ratio, seed) -> run directory
     selected:  (dataset, method, ratio, seed) -> (selected epoch, train.unsup_start_epoch,
-               unlabeled training images), for runs whose metrics.json meta records all three
+               unlabeled images available, unlabeled images per training step: 0 if it never
+               loads one), for runs whose metrics.json meta records them
     left_out:  (convention, metric, message) for each metrics.json value that is NaN, ±inf or
                null: that run is left out of its cell for that value, and the tables say so
     """
@@ -115,15 +117,28 @@ def _number(block: dict, key: str, path: Path, where: str) -> float | None:
     return float(value)
 
 
-def _selection(doc: dict):
-    """(selected epoch, unsupervised start epoch, unlabeled images) from metrics.json meta, or
-    None where the run does not record them."""
+def _selection(doc: dict, method: str):
+    """(selected epoch, unsupervised start epoch, unlabeled images available, unlabeled images it
+    trained on per step) from metrics.json meta, or None where the run does not record them."""
     meta = doc.get("meta") or {}
     try:
         return (int(meta["checkpoint"]["epoch"]), int(meta["config"]["train"]["unsup_start_epoch"]),
-                int(meta["train_done"]["n_unlabeled"]))
+                int(meta["train_done"]["n_unlabeled"]), _unlabeled_per_step(meta["train_done"], method))
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def _unlabeled_per_step(done: dict, method: str) -> int:
+    """train_done.json's ``unlabeled_per_step``; records written before it existed: 0 for a method
+    registered here without unlabeled views (SupOnly), else the split's unlabeled count."""
+    if "unlabeled_per_step" in done:
+        return int(done["unlabeled_per_step"])
+    try:
+        if METHODS.get(method).unlabeled_views is None:
+            return 0
+    except ConfigError:
+        pass
+    return int(done["n_unlabeled"])
 
 
 def _read_per_image(path: Path, run: dict, metrics: dict) -> pd.DataFrame:
@@ -182,8 +197,9 @@ def read_runs(metric_files: Iterable[Path]) -> Results:
             raise DataError(f"two metrics files for {run_key(*key)}: "
                             f"{run_dirs[key] / 'metrics.json'} and {path}")
         run_dirs[key] = path.parent
-        if _selection(doc) is not None:
-            selected[key] = _selection(doc)
+        selection = _selection(doc, run["method"])
+        if selection is not None:
+            selected[key] = selection
         info = metric_info(doc)
         for name, v in info.items():
             metrics.setdefault(name, v)

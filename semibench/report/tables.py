@@ -215,7 +215,7 @@ def unlabeled_note(results: Results, datasets) -> str:
     """The unlabeled images each ratio's runs had, for datasets with an unlabeled pool (a folder
     dataset's ``unlabeled``: its ratio-1 runs have some); "" if none. Read from train_done."""
     have: dict[str, dict[int, int]] = {}
-    for (d, _m, k, _s), (_e, _start, n) in results.selected.items():
+    for (d, _m, k, _s), (_e, _start, n, _per_step) in results.selected.items():
         have.setdefault(d, {})[k] = max(n, have.get(d, {}).get(k, 0))
     parts = [f"{d} " + ", ".join(f"{ratio_label(k)}: {n}" for k, n in sorted(have[d].items(), reverse=True))
              for d in datasets if have.get(d, {}).get(1)]

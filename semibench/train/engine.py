@@ -293,6 +293,9 @@ def done_record(tr: Trainer, infos: list[dict], note: str, wall_s: float) -> dic
         "epochs": cfg.train.epochs, "iterations_per_epoch": tr.iterations_per_epoch,
         "n_labeled": len(tr.data.labeled), "n_unlabeled": len(tr.data.unlabeled_ids),
         "n_val": len(tr.data.val),
+        # 0 for a method that never loads an unlabeled image (SupOnly, FullSup): the report's
+        # "selected before the unsupervised start" footnote concerns the others only
+        "unlabeled_per_step": tr.batches.n_unlabeled_batches * cfg.train.batch_unlabeled,
         "best_epoch": ck.best["epoch"], "best_val_dice": ck.best["val_dice"],
         "model_selection": MODEL_SELECTION,
         "versions": versions(),
