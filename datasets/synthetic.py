@@ -19,7 +19,9 @@ Config keys (``datasets.synthetic``), all optional:
 styles[i mod len], default both), ``nuclei`` ([min, max] nuclei per 256x256 area, scaled by the
 image area, default [8, 40]), ``radius`` ([min, max] mean nucleus radius in pixels, default
 [4, 11]), ``touching`` (probability that a nucleus is placed against an earlier one, default
-0.35), ``workers``.
+0.35), ``variation`` (scales the per-image spread of appearance: stain colours and background
+level, blur and noise; default 1, which is the generator as it always was, draw for draw; larger
+values make one labeled image cover less of the dataset's variety), ``workers``.
 Sample ids: ``syn00000``, ``syn00001``, ... (subset ``train``; split 7 : 1 : 2 of the images).
 """
 from __future__ import annotations
@@ -116,42 +118,42 @@ def _smooth_noise(rng, shape, sigma) -> np.ndarray:
     return n / (n.std() + 1e-12)
 
 
-def _render_fluorescence(rng, label, n) -> np.ndarray:
+def _render_fluorescence(rng, label, n, v=1.0) -> np.ndarray:
     h, w = label.shape
-    background = rng.uniform(2, 25)
+    background = rng.uniform(2, 25 * v)
     brightness = np.concatenate([[background], rng.uniform(70, 230, n)])
     texture = _smooth_noise(rng, (h, w), 1.5)
     inten = brightness[label] * np.where(label > 0, 1 + 0.15 * texture, 1.0)
-    inten = ndimage.gaussian_filter(inten, rng.uniform(0.5, 1.6))
-    inten = inten + rng.normal(0, rng.uniform(1.5, 6), (h, w))
+    inten = ndimage.gaussian_filter(inten, rng.uniform(0.5, 0.5 + 1.1 * v))
+    inten = inten + rng.normal(0, rng.uniform(1.5, 1.5 + 4.5 * v), (h, w))
     tint = np.array([1.0, 1.0, 1.0]) if rng.random() < 0.6 else np.array(
         [rng.uniform(0.1, 0.4), rng.uniform(0.3, 0.8), 1.0])
     return np.clip(np.rint(inten[..., None] * tint), 0, 255).astype(np.uint8)
 
 
-def _render_he(rng, label, n) -> np.ndarray:
+def _render_he(rng, label, n, v=1.0) -> np.ndarray:
     h, w = label.shape
     density = 0.55 * _smooth_noise(rng, (h, w), 8) + 0.3 * _smooth_noise(rng, (h, w), 2)
     tissue = np.clip(0.65 + 0.25 * density, 0, 1)
     tissue[_smooth_noise(rng, (h, w), 12) > 1.2] *= 0.15  # pale gaps (lumen, fat)
     white = np.array([245.0, 238, 242])
-    eosin = np.array([222.0, 120, 172]) + rng.uniform(-15, 15, 3)
+    eosin = np.array([222.0, 120, 172]) + rng.uniform(-15 * v, 15 * v, 3)
     img = white * (1 - tissue[..., None]) + eosin * tissue[..., None]
-    haem = np.array([92.0, 55, 145]) + rng.uniform(-20, 20, 3)
+    haem = np.array([92.0, 55, 145]) + rng.uniform(-20 * v, 20 * v, 3)
     nuc_colour = np.concatenate([[haem], haem * rng.uniform(0.75, 1.2, (n, 1))])
     chromatin = _smooth_noise(rng, (h, w), 1.0)
     colour = nuc_colour[label] * (1 - 0.12 * chromatin[..., None])
     alpha = ndimage.gaussian_filter((label > 0).astype(np.float64), 0.7)[..., None]
     colour[label == 0] = haem  # only seen through the soft edge
     img = img * (1 - alpha) + colour * alpha
-    img = ndimage.gaussian_filter(img, (rng.uniform(0.4, 1.0),) * 2 + (0,))
-    img = img + rng.normal(0, rng.uniform(2, 5), img.shape)
+    img = ndimage.gaussian_filter(img, (rng.uniform(0.4, 0.4 + 0.6 * v),) * 2 + (0,))
+    img = img + rng.normal(0, rng.uniform(2, 2 + 3 * v), img.shape)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
 def generate(index: int, seed: int = 0, size: tuple[int, int] = (256, 256), style: str = "fluorescence",
              nuclei: tuple[int, int] = (8, 40), radius: tuple[float, float] = (4, 11),
-             touching: float = 0.35) -> SyntheticImage:
+             touching: float = 0.35, variation: float = 1.0) -> SyntheticImage:
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(index)])))
     height, width = size
     scale = height * width / 65536
@@ -159,7 +161,7 @@ def generate(index: int, seed: int = 0, size: tuple[int, int] = (256, 256), styl
     n_target = int(rng.integers(lo, max(lo, hi) + 1))
     label, placed = _place_nuclei(rng, height, width, n_target, radius, touching)
     render = _render_fluorescence if style == "fluorescence" else _render_he
-    return SyntheticImage(render(rng, label, len(placed)), label, style, placed)
+    return SyntheticImage(render(rng, label, len(placed), variation), label, style, placed)
 
 
 def _generate_task(args: tuple[int, dict]) -> tuple[int, np.ndarray, np.ndarray]:
@@ -183,7 +185,7 @@ def _pair(value, key, cast) -> tuple:
 class Synthetic(Recipe):
     name = "synthetic"
     archives = ()
-    option_keys = frozenset({"count", "size", "seed", "styles", "nuclei", "radius", "touching"})
+    option_keys = frozenset({"count", "size", "seed", "styles", "nuclei", "radius", "touching", "variation"})
     split_policy = SplitPolicy(val="0.1", test="0.2")
 
     def __init__(self, options: Mapping | None = None):
@@ -205,11 +207,16 @@ class Synthetic(Recipe):
         self.touching = float(o.get("touching", 0.35))
         if not 0 <= self.touching <= 1:
             raise ConfigError(f"datasets.synthetic.touching must be in [0, 1], got {self.touching}")
+        self.variation = o.get("variation", 1.0)
+        if isinstance(self.variation, bool) or not isinstance(self.variation, (int, float)) \
+                or not 0 < self.variation <= 10:
+            raise ConfigError(f"datasets.synthetic.variation must be a number in (0, 10], got {self.variation!r}")
+        self.variation = float(self.variation)
         self._width = max(5, len(str(self.count - 1)))
 
     def params(self, index: int) -> dict:
         return dict(seed=self.seed, size=self.size, style=self.styles[index % len(self.styles)],
-                    nuclei=self.nuclei, radius=self.radius, touching=self.touching)
+                    nuclei=self.nuclei, radius=self.radius, touching=self.touching, variation=self.variation)
 
     def sample_id(self, index: int) -> str:
         return f"syn{index:0{self._width}d}"
@@ -221,9 +228,11 @@ class Synthetic(Recipe):
         return dict(images=self.count, generated=True, **self._description())
 
     def _description(self) -> dict:
+        # variation only where it is not the default: the default's fingerprint predates it
+        extra = {} if self.variation == 1.0 else {"variation": self.variation}
         return dict(generator_version=GENERATOR_VERSION, count=self.count, size=list(self.size),
                     seed=self.seed, styles=self.styles, nuclei=list(self.nuclei),
-                    radius=list(self.radius), touching=self.touching)
+                    radius=list(self.radius), touching=self.touching, **extra)
 
     def source_fingerprint(self) -> dict[str, str]:
         blob = json.dumps(self._description(), sort_keys=True).encode()

@@ -78,8 +78,32 @@ def test_synthetic_obtain_and_verify_are_trivial(tmp_path):
     assert (tmp_path / "raw" / "synthetic" / "verified.json").exists()
 
 
+def test_synthetic_variation_widens_appearance_and_keeps_the_truth():
+    """``variation`` scales the per-image appearance spread only: the label maps stay draw for
+    draw the same, the default (1) is the generator as it was (fingerprint included), and at 3
+    the images' mean nucleus colour and background level spread wider across images."""
+    def nucleus_means(v, style):
+        out = []
+        for i in range(30):
+            s = generate(i, seed=5, size=(64, 64), style=style, variation=v)
+            out.append((s.image[s.label > 0].mean(axis=0), s.image[s.label == 0].mean(axis=0), s.label))
+        return out
+    for style in STYLES:
+        base, wide = nucleus_means(1.0, style), nucleus_means(3.0, style)
+        assert all(np.array_equal(a[2], b[2]) for a, b in zip(base, wide))
+        for part in (0, 1) if style == "he" else (1,):  # H&E: stain of nuclei and tissue; fluorescence: background
+            spread = [np.std([m[part] for m in ms], axis=0).mean() for ms in (base, wide)]
+            assert spread[1] > 1.5 * spread[0], (style, part, spread)
+    plain = generate(3, seed=5, size=(64, 64), style="he")
+    assert np.array_equal(plain.image, generate(3, seed=5, size=(64, 64), style="he", variation=1.0).image)
+    assert Synthetic({}).source_fingerprint() == Synthetic({"variation": 1}).source_fingerprint()
+    assert Synthetic({}).source_fingerprint() != Synthetic({"variation": 2}).source_fingerprint()
+
+
 @pytest.mark.parametrize("cfg,message", [
     ({"colour": 1}, "unknown key.*colour.*known: .*count"),
+    ({"variation": 0}, "variation must be a number in \\(0, 10\\]"),
+    ({"variation": "more"}, "variation"),
     ({"styles": ["ihc"]}, "styles"),
     ({"count": 0}, "count"),
     ({"radius": [5, 2]}, "radius"),
