@@ -132,9 +132,10 @@ def test_unlabeled_note_only_for_datasets_with_a_pool():
 
     from semibench.report.tables import unlabeled_note
 
-    selected = {("mylab", "meanteacher", 4, 0): (3, 2, 37), ("mylab", "fullsup", 1, 0): (5, 2, 16),
-                ("mylab", "meanteacher", 1, 1): (4, 2, 16), ("synthetic", "cdcl", 8, 0): (2, 2, 40),
-                ("synthetic", "fullsup", 1, 0): (2, 2, 0)}
+    # (selected epoch, unsupervised start, unlabeled images available, unlabeled images per step)
+    selected = {("mylab", "meanteacher", 4, 0): (3, 2, 37, 8), ("mylab", "fullsup", 1, 0): (5, 2, 16, 0),
+                ("mylab", "meanteacher", 1, 1): (4, 2, 16, 8), ("synthetic", "cdcl", 8, 0): (2, 2, 40, 16),
+                ("synthetic", "fullsup", 1, 0): (2, 2, 0, 0)}
     results = SimpleNamespace(selected=selected)
     assert unlabeled_note(results, ["synthetic", "mylab"]) == (
         " Unlabeled images available to the semi-supervised runs (hidden-label training images "
