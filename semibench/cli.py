@@ -221,6 +221,9 @@ def cmd_report(args) -> None:
     if args.step == "features":  # Figure 4 needs model inference: only when asked for
         from semibench.report import features
         written += features.write_feature_maps(results, plan, out / "figures", args.threads)
+    if args.quote_into:
+        from semibench.report.quote import quote_into
+        written += quote_into(args.quote_into, out)
     for path in written:
         print(path)
 
@@ -363,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="fail when a declared comparison cannot be paired (default: leave it "
                         "untested, with the reason in the stats)")
+    p.add_argument("--quote-into", action="append", metavar="PAGE",
+                   help="after the steps, refresh PAGE's '<!-- semibench report: tables/table1.md "
+                        "-->' ... '<!-- /semibench report -->' blocks from the files under --out")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("status", help="where the configured grid stands: runs done, trained, "

@@ -13,6 +13,7 @@ from semibench.errors import DataError
 from semibench.layout import run_key
 
 from . import runlevel, stats, twolevel
+from .markdown import comparisons_markdown
 from .paper import load_paper_tables
 from .plan import UPPER_BOUND, ReportPlan, display, plan_from_config, plan_from_runs
 from .read import Results, read_runs
@@ -28,8 +29,8 @@ from .tables import (
     unlabeled_note,
 )
 
-STATS_FILES = ["comparisons.csv", "comparisons.html", "friedman.csv", "pairwise.csv",
-               "ranking.csv", "ranking_freq.csv", "cases.csv", "runlevel.csv"]
+STATS_FILES = ["comparisons.csv", "comparisons.html", "comparisons.md", "friedman.csv",
+               "pairwise.csv", "ranking.csv", "ranking_freq.csv", "cases.csv", "runlevel.csv"]
 TABLE_FILES = [f"{t}.{s}" for t in ("table1", "table2") for s in ("csv", "md", "tex", "html")] + \
     ["paper_delta.csv", "paper_delta.md", "paper_delta.html"]
 
@@ -235,6 +236,7 @@ def write_stats(results: Results, plan: ReportPlan, out_dir: Path, strict: bool 
              for name, frame in frames.items()}
     texts["comparisons.html"] = _comparisons_html(frames["comparisons"], plan, results.abbrev,
                                                   report_notes(results, plan))
+    texts["comparisons.md"] = comparisons_markdown(frames, plan, results.abbrev)
     paths = []
     for name in STATS_FILES:
         write_atomic(out_dir / name, texts[name])

@@ -1,0 +1,140 @@
+"""stats/comparisons.md (the comparisons as Markdown) and `semibench report --quote-into`
+(a results page's quoted report files kept in step with the report)."""
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stderr
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from semibench.cli import main
+from semibench.errors import ConfigError
+from semibench.report.quote import quote_into, quoted, sync
+from tests.report_runs import write_run
+
+CONFIG = {
+    "grid": {"datasets": ["dsb2018"], "methods": ["suponly", "meanteacher", "cdcl", "fixmatch"], "ratios": [32],
+             "fullsup": False, "seeds": [0, 1, 2]},
+    "ablation": {"datasets": [], "methods": [], "ratios": [], "seeds": []},
+    "report": {"n_resamples": 999, "n_boot_rank": 50},
+}
+
+
+def _runs(root: Path) -> list[Path]:
+    """CDCL = SupOnly + 0.02 and FixMatch = SupOnly + 0.01 on every image of every seed (Δ +2.00
+    and +1.00 points exactly); Mean Teacher has no runs. Same 14 images in every seed."""
+    base = np.linspace(0.55, 0.81, 14)
+    return [write_run(root, "dsb2018", method, 32, seed, base + shift + 0.01 * seed)
+            for method, shift in (("suponly", 0.0), ("cdcl", 0.02), ("fixmatch", 0.01))
+            for seed in range(3)]
+
+
+def _report(tmp_path, *extra) -> tuple[int, str]:
+    """stats, then tables with ``extra`` (the last step: every quoted file exists by then)."""
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(CONFIG))
+    err = io.StringIO()
+    with redirect_stderr(err):
+        for step in ("stats", "tables"):
+            rc = main(["report", "--runs", str(tmp_path / "runs" / "**" / "metrics.json"),
+                       "--config", str(cfg), "--out", str(tmp_path / "out"), "--step", step,
+                       *(extra if step == "tables" else ())])
+            if rc:
+                return rc, err.getvalue()
+    return 0, err.getvalue()
+
+
+def test_comparisons_markdown_hand_computed(tmp_path):
+    _runs(tmp_path / "runs")
+    assert _report(tmp_path)[0] == 0
+    md = (tmp_path / "out" / "stats" / "comparisons.md").read_text()
+    # 14 images, every difference +0.02: Δ +2.00 points, each seed +2.00; exact two-sided
+    # Wilcoxon p = 2 / 2**14 = 1.2e-4 for CDCL and for FixMatch; Holm over the vs-SupOnly family
+    # (Mean Teacher cannot be paired): 2 x 1.2e-4 for the first, max(that, 1 x 1.2e-4) for the
+    # second = 2.4e-4 for both, bold (significant)
+    row = next(line for line in md.splitlines() if line.startswith("| CDCL | SupOnly |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:4] == ["14", "+2.00"]
+    assert cells[6:8] == ["0.00012", "**0.00024**"]
+    assert cells[8] == "s0 +2.00, s1 +2.00, s2 +2.00"
+    # run means: SupOnly base+{0, .01, .02}, CDCL base+{.02, .03, .04}: of the 9 pairs CDCL wins
+    # 8 and ties 1 (its seed 0 with SupOnly's seed 2), which counts 1/2: (8 + 0.5) / 9 = 0.94
+    assert cells[9].startswith("0.94 [")
+    assert "- MeanTeacher vs SupOnly: no per-image results for meanteacher" in md
+    assert "| FixMatch* | SupOnly | 14 | +1.00 |" in md
+    # every image ranks CDCL first, FixMatch second, SupOnly third
+    assert "Friedman over 3 methods on the 42 of 42 (seed, image) pairs" in md
+    assert "mean ranks (1 = best) CDCL 1.00, FixMatch* 2.00, SupOnly 3.00." in md
+    assert "first: CDCL 100%" in md
+
+
+def test_quoted_drops_the_title_and_bolds_sections():
+    text = "# Table 1: x\n\n## dsb2018\n\n| a |\n|---|\n| 1 |\n\nCells: note.\n\n"
+    assert quoted(text) == ["**dsb2018**", "", "| a |", "|---|", "| 1 |", "", "Cells: note."]
+
+
+def test_sync_replaces_only_the_quoted_blocks(tmp_path):
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "t.md").write_text("# T\n\n| new |\n")
+    page = ("# Page\n\nprose stays\n<!-- semibench report: tables/t.md -->\n| old |\n| older |\n"
+            "<!-- /semibench report -->\nafter\n")
+    expected = ("# Page\n\nprose stays\n<!-- semibench report: tables/t.md -->\n| new |\n"
+                "<!-- /semibench report -->\nafter\n")
+    assert sync(page, tmp_path) == expected
+    assert sync(expected, tmp_path) == expected  # idempotent
+
+
+@pytest.mark.parametrize("page, message", [
+    ("<!-- semibench report: tables/none.md -->\n<!-- /semibench report -->\n", "page:1 quotes tables/none.md"),
+    ("x\n<!-- semibench report: tables/t.md -->\n| a |\n", "page:2: quote not closed"),
+    ("<!-- semibench report: tables/t.md -->\n<!-- semibench report: tables/t.md -->\n",
+     "page:2: a quote opens before the one at line 1 is closed"),
+])
+def test_sync_refuses_bad_markers(tmp_path, page, message):
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "t.md").write_text("| a |\n")
+    with pytest.raises(ConfigError, match=message):
+        sync(page, tmp_path)
+
+
+def test_quote_into_checks_every_page_before_writing_any(tmp_path):
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "t.md").write_text("| new |\n")
+    good = tmp_path / "good.md"
+    good.write_text("<!-- semibench report: tables/t.md -->\n<!-- /semibench report -->\n")
+    bad = tmp_path / "bad.md"
+    bad.write_text("<!-- semibench report: tables/t.md -->\n")
+    plain = tmp_path / "plain.md"
+    plain.write_text("no quotes\n")
+    before = good.read_text()
+    with pytest.raises(ConfigError, match="quote not closed"):
+        quote_into([good, bad], tmp_path)
+    assert good.read_text() == before
+    with pytest.raises(ConfigError, match="no '<!-- semibench report: FILE -->' block"):
+        quote_into([plain], tmp_path)
+    assert quote_into([good], tmp_path) == [good]
+    assert "| new |" in good.read_text()
+    assert quote_into([good], tmp_path) == []  # in step: not rewritten
+
+
+def test_cli_quote_into_fills_a_results_page(tmp_path):
+    _runs(tmp_path / "runs")
+    page = tmp_path / "results.md"
+    page.write_text("# Our results\n\n<!-- semibench report: tables/table1.md -->\n"
+                    "<!-- /semibench report -->\n\n<!-- semibench report: stats/comparisons.md -->\n"
+                    "<!-- /semibench report -->\n")
+    rc, err = _report(tmp_path, "--quote-into", str(page))
+    assert rc == 0, err
+    text = page.read_text()
+    table_rows = [line for line in (tmp_path / "out" / "tables" / "table1.md").read_text().splitlines()
+                  if line.startswith("|")]
+    assert "\n".join(table_rows) in text
+    assert "| CDCL | SupOnly | 14 | +2.00 |" in text and text.startswith("# Our results\n")
+    page.write_text(text.replace("<!-- /semibench report -->\n", "", 1))
+    broken = page.read_text()
+    rc, err = _report(tmp_path, "--quote-into", str(page))
+    assert rc != 0 and "a quote opens before the one at line 3 is closed" in err
+    assert len(err.strip().splitlines()) == 1 and page.read_text() == broken
