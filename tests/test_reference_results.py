@@ -14,6 +14,7 @@ import yaml
 
 from semibench.cli import main as semibench_main
 from semibench.layout import RUN_DIR
+from semibench.report.quote import sync
 from semibench.workflow.grid import all_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,4 +69,6 @@ def test_the_docs_quote_the_shipped_tables():
         assert rows, name
         block = "\n".join(rows)
         assert block in doc, f"{name}'s table is not in {DOC.name} as rendered"
+    # every quoted block is its report file as rendered now (semibench report --quote-into)
+    assert sync(doc, STUDY / "report") == doc, f"{DOC.name}'s quoted blocks are stale: re-quote them"
     assert re.search(r"semibench report --runs 'results/reference/dsb2018-r128/\*\*/metrics.json'", doc)

@@ -138,3 +138,62 @@ def test_cli_quote_into_fills_a_results_page(tmp_path):
     rc, err = _report(tmp_path, "--quote-into", str(page))
     assert rc != 0 and "a quote opens before the one at line 3 is closed" in err
     assert len(err.strip().splitlines()) == 1 and page.read_text() == broken
+
+
+def _record(metrics_file: Path, epoch: int, minutes: float, threads: int) -> None:
+    """What semibench evaluate copies into metrics.json meta: selection, timings, device, weights."""
+    doc = json.loads(metrics_file.read_text())
+    doc["meta"].update(checkpoint={"epoch": epoch}, config={"train": {"unsup_start_epoch": 1}},
+                       train_done={"n_unlabeled": 10, "unlabeled_per_step": 8},
+                       timings={"train": {"total_s": minutes * 60}, "eval_seconds": 2.0},
+                       device={"train": {"name": "cpu: test", "threads": threads}},
+                       weights={"segmenters": [{"used": "random-init"}]})
+    metrics_file.write_text(json.dumps(doc))
+
+
+def test_runs_table_lists_every_run_with_its_epoch_and_minutes(tmp_path):
+    files = _runs(tmp_path / "runs")
+    for i, f in enumerate(files):  # suponly s0-2, cdcl s0-2, fixmatch s0-2
+        _record(f, epoch=i % 4, minutes=10.0 * (i + 1), threads=1 if i < 8 else 2)
+    assert _report(tmp_path)[0] == 0
+    md = (tmp_path / "out" / "tables" / "runs.md").read_text()
+    base = np.linspace(0.55, 0.81, 14).mean() * 100  # SupOnly seed 0's per-image mean
+    assert f"| SupOnly | {base:.2f} @0 · 10.0 min | {base + 1:.2f} @1 · 20.0 min | " \
+           f"{base + 2:.2f} @2 · 30.0 min | 20.0 |" in md
+    # tables' order: SupOnly, CDCL, then FixMatch (beyond the paper)
+    assert md.index("| SupOnly |") < md.index("| CDCL |") < md.index("| FixMatch* |")
+    assert f"| CDCL | {base + 2:.2f} @3 · 40.0 min |" in md
+    # 10 + 20 + ... + 90 minutes = 450 = 7.5 h; one run on 2 threads is named as such
+    assert "Training time of these 9 runs: 7.5 h (450 min)." in md
+    assert "cpu: test, 1 thread (8 runs); cpu: test, 2 threads (1 run)" in md
+    assert "Weights: random-init." in md
+    csv = (tmp_path / "out" / "tables" / "runs.csv").read_text().splitlines()
+    assert csv[0] == ("dataset,method,ratio,seed,value,selected_epoch,unsup_start_epoch,train_minutes,"
+                      "eval_seconds,device,threads,weights") and len(csv) == 10
+
+
+def test_table1_metrics_adds_instance_metrics_in_the_order_given(tmp_path):
+    files = _runs(tmp_path / "runs")
+    for i, f in enumerate(files):  # an instance metric as semibench evaluate reports it
+        doc = json.loads(f.read_text())
+        doc["metric_info"] = dict(doc["metric_info"], aji={"abbrev": "AJI", "kind": "instance",
+                                                           "higher_is_better": True})
+        for block in ("per_image_mean", "pooled"):
+            doc[block]["aji"] = 0.40 + 0.01 * (i // 3)  # suponly .40, cdcl .41, fixmatch .42
+        f.write_text(json.dumps(doc))
+    CONFIG["report"]["table1_metrics"] = ["dice", "aji", "jaccard"]
+    try:
+        assert _report(tmp_path)[0] == 0
+        md = (tmp_path / "out" / "tables" / "table1.md").read_text()
+        assert "| method | 1/32 DC | 1/32 AJI | 1/32 JC |" in md
+        assert "| FixMatch* |" in md and "| **42.00 ± 0.00** |" in md  # AJI: FixMatch best
+        CONFIG["report"]["table1_metrics"] = ["dice", "pq"]
+        rc, err = _report(tmp_path)
+        assert rc != 0 and "report.table1_metrics: 'pq' not reported by these runs" in err
+        assert len(err.strip().splitlines()) == 1
+    finally:
+        del CONFIG["report"]["table1_metrics"]
+    assert _report(tmp_path)[0] == 0  # default: the pixel metrics only (the paper's Table 1)
+    head = next(line for line in (tmp_path / "out" / "tables" / "table1.md").read_text().splitlines()
+                if line.startswith("| method"))
+    assert head == "| method | 1/32 DC | 1/32 JC | 1/32 ACC | 1/32 SP | 1/32 SE |"

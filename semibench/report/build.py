@@ -17,6 +17,7 @@ from .markdown import comparisons_markdown
 from .paper import load_paper_tables
 from .plan import UPPER_BOUND, ReportPlan, display, plan_from_config, plan_from_runs
 from .read import Results, read_runs
+from .runs_table import runs_frame, runs_markdown
 from .tables import (
     beyond_paper_note,
     build_table,
@@ -32,7 +33,7 @@ from .tables import (
 STATS_FILES = ["comparisons.csv", "comparisons.html", "comparisons.md", "friedman.csv",
                "pairwise.csv", "ranking.csv", "ranking_freq.csv", "cases.csv", "runlevel.csv"]
 TABLE_FILES = [f"{t}.{s}" for t in ("table1", "table2") for s in ("csv", "md", "tex", "html")] + \
-    ["paper_delta.csv", "paper_delta.md", "paper_delta.html"]
+    ["paper_delta.csv", "paper_delta.md", "paper_delta.html", "runs.csv", "runs.md"]
 
 
 def load(metric_files, config: dict | None) -> tuple[Results, ReportPlan]:
@@ -251,7 +252,7 @@ def read_comparisons(path: Path | None) -> pd.DataFrame | None:
 
 
 def table_texts(results: Results, plan: ReportPlan, comparisons: pd.DataFrame | None) -> dict:
-    """{file name: text} for both tables and the paper delta."""
+    """{file name: text} for both tables, the paper delta and the runs behind them."""
     summary = summarize(results, plan.convention)
     hib = {m: results.higher_is_better(m) for m in results.metrics}
     out = {}
@@ -260,7 +261,8 @@ def table_texts(results: Results, plan: ReportPlan, comparisons: pd.DataFrame | 
         specs.append(("table2", "Table 2", plan.ablation, [plan.metric]))
     left_out = plan.left_out_by_table()
     for name, title, section, metrics in specs:
-        metrics = metrics or table_metrics(results, section, plan.convention) or [plan.metric]
+        metrics = metrics or table_metrics(results, section, plan.convention,
+                                           plan.table1_metrics) or [plan.metric]
         frame = build_table(summary, section, metrics, plan, comparisons, name, hib)
         fams = [f.name for f in plan.family_list() if (f.name == "ablation") == (name == "table2")]
         if name == "table2" and any(f.name == "vs_baseline" for f in plan.family_list()) \
@@ -284,6 +286,9 @@ def table_texts(results: Results, plan: ReportPlan, comparisons: pd.DataFrame | 
                     "table2.md": "# Table 2\n\nNo ablation configured.\n",
                     "table2.tex": "% Table 2: no ablation configured\n",
                     "table2.html": f"<html><body><h2>Table 2</h2>{empty}</body></html>"})
+    runs = runs_frame(results, plan)
+    out["runs.csv"] = runs.to_csv(index=False, float_format="%.10g")
+    out["runs.md"] = runs_markdown(runs, plan, results.abbrev)
     abbrevs = {results.abbrev(m): m for m in results.metrics}
     p1, p2 = load_paper_tables()
     delta = paper_delta(summary, p1, p2, abbrevs)

@@ -67,6 +67,7 @@ class ReportPlan:
     baseline: str = "suponly"
     metric: str = "dice"  # the tested endpoint; other metrics are descriptive
     convention: str = "per_image_mean"
+    table1_metrics: tuple | None = None  # None: the pixel metrics every run reports (the paper's)
     families: tuple = FAMILY_KINDS
     options: StatOptions = field(default_factory=StatOptions)
     # the runs the config trains, (dataset, method, ratio, seed); None: planned from runs found
@@ -186,6 +187,7 @@ def plan_from_config(config: dict) -> ReportPlan:
     return ReportPlan(grid=grid, ablation=ablation, reference=reference, baseline=baseline,
                       metric=rep.get("metric", "dice"),
                       convention=rep.get("convention", "per_image_mean"),
+                      table1_metrics=tuple(rep["table1_metrics"]) if rep.get("table1_metrics") else None,
                       families=tuple(rep.get("families", FAMILY_KINDS)), options=options,
                       trained=trained, left_out_rows=tuple(left_out_rows))
 
@@ -218,4 +220,4 @@ def plan_from_runs(run_keys, base: ReportPlan | None = None) -> ReportPlan:
                            tuple(methods), tuple(sorted({k for _, k in cells}, reverse=True)), seeds)
     return ReportPlan(grid=grid, ablation=ablation, reference=base.reference,
                       baseline=base.baseline, metric=base.metric, convention=base.convention,
-                      families=base.families, options=base.options)
+                      table1_metrics=base.table1_metrics, families=base.families, options=base.options)

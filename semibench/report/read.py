@@ -50,6 +50,8 @@ class Results:
                loads one), for runs whose metrics.json meta records them
     left_out:  (convention, metric, message) for each metrics.json value that is NaN, ±inf or
                null: that run is left out of its cell for that value, and the tables say so
+    provenance: (dataset, method, ratio, seed) -> {train_minutes, eval_seconds, device, threads,
+               weights}, what metrics.json meta records (None where a field is absent)
     """
     runs: pd.DataFrame
     per_image: pd.DataFrame
@@ -58,6 +60,7 @@ class Results:
     run_dirs: dict = field(default_factory=dict)
     left_out: list = field(default_factory=list)
     selected: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
 
     def abbrev(self, metric: str) -> str:
         return self.metrics.get(metric, {}).get("abbrev", metric)
@@ -128,6 +131,22 @@ def _selection(doc: dict, method: str):
         return None
 
 
+def _provenance(doc: dict) -> dict:
+    """How the run was made, as its metrics.json meta records it: training wall time (with its
+    validation), evaluation time, training device and threads, the weights it started from."""
+    meta = doc.get("meta") or {}
+    timings = meta.get("timings") or {}
+    train_s = (timings.get("train") or {}).get("total_s")
+    device = (meta.get("device") or {}).get("train") or {}
+    weights = meta.get("weights") or {}
+    used = sorted({s.get("used") for s in weights.get("segmenters") or [] if s.get("used")})
+    return {"train_minutes": train_s / 60 if isinstance(train_s, (int, float)) else None,
+            "eval_seconds": timings.get("eval_seconds"),
+            "device": device.get("name") if isinstance(device, dict) else None,
+            "threads": device.get("threads") if isinstance(device, dict) else None,
+            "weights": ", ".join(used) or None}
+
+
 def _unlabeled_per_step(done: dict, method: str) -> int:
     """train_done.json's ``unlabeled_per_step``; records written before it existed: 0 for a method
     registered here without unlabeled views (SupOnly), else the split's unlabeled count."""
@@ -188,6 +207,7 @@ def read_runs(metric_files: Iterable[Path]) -> Results:
     metrics: dict = {}
     run_dirs: dict = {}
     selected: dict = {}
+    provenance: dict = {}
     for path in metric_files:
         path = Path(path)
         doc = _load_json(path)
@@ -200,6 +220,7 @@ def read_runs(metric_files: Iterable[Path]) -> Results:
         selection = _selection(doc, run["method"])
         if selection is not None:
             selected[key] = selection
+        provenance[key] = _provenance(doc)
         info = metric_info(doc)
         for name, v in info.items():
             metrics.setdefault(name, v)
@@ -230,4 +251,4 @@ def read_runs(metric_files: Iterable[Path]) -> Results:
               else pd.DataFrame(columns=RUN_KEYS + ["id", "source_id"]))
     epochs = pd.DataFrame(epoch_rows) if epoch_rows else pd.DataFrame(columns=RUN_KEYS + ["epoch"])
     return Results(runs=runs, per_image=images, epochs=epochs, metrics=metrics, run_dirs=run_dirs,
-                   left_out=left_out, selected=selected)
+                   left_out=left_out, selected=selected, provenance=provenance)

@@ -20,6 +20,8 @@ import math
 
 import pandas as pd
 
+from semibench.errors import ConfigError
+
 from .plan import BEYOND_MARK, UPPER_BOUND, ReportPlan, Section, beyond_paper, display, method_facts, order_methods
 from .read import Results
 
@@ -321,13 +323,20 @@ def n_cases_by_dataset(comparisons: pd.DataFrame | None, datasets) -> dict:
     return out
 
 
-def table_metrics(results: Results, section: Section, convention: str) -> list[str]:
-    """Metrics shown: those of metric_info that every found run of the section reports,
-    pixel metrics first (Table 1 is the paper's DC/JC/ACC/SP/SE when nothing else is there)."""
+def table_metrics(results: Results, section: Section, convention: str,
+                  wanted: tuple | None = None) -> list[str]:
+    """Metrics shown: ``wanted`` (``report.table1_metrics``) in its order, else the pixel metrics
+    of metric_info (the paper's DC/JC/ACC/SP/SE); of those, the ones the section's runs report."""
     runs = results.runs[(results.runs["convention"] == convention)
                         & results.runs["dataset"].isin(section.datasets)
                         & results.runs["method"].isin(section.methods)]
     have = set(runs["metric"])
+    if wanted:
+        unknown = [m for m in wanted if m not in results.metrics]
+        if unknown:
+            raise ConfigError(f"report.table1_metrics: {', '.join(map(repr, unknown))} not reported "
+                              f"by these runs (they report: {', '.join(results.metrics)})")
+        return [m for m in wanted if m in have]
     return [m for m in results.metrics if m in have and results.metrics[m]["kind"] == "pixel"]
 
 
