@@ -13,7 +13,7 @@ from semibench.errors import DataError
 from semibench.layout import run_key
 
 from . import runlevel, stats, twolevel
-from .markdown import comparisons_markdown
+from .markdown import comparisons_markdown, seed_deltas_points, value_with_ci
 from .paper import load_paper_tables
 from .plan import UPPER_BOUND, ReportPlan, display, plan_from_config, plan_from_runs
 from .read import Results, read_runs
@@ -145,26 +145,15 @@ def selection_notes(results: Results, section=None) -> list[str]:
     return notes
 
 
-def _seed_deltas_points(text) -> str:
-    """'s0:+0.013474 s1:-0.002000' (fractions, as in the CSV) -> 's0 +1.35, s1 −0.20' (points)."""
-    if not isinstance(text, str) or not text:
-        return ""
-    parts = []
-    for item in text.split():
-        seed, value = item.split(":")
-        parts.append(f"{seed} {float(value) * 100:+.2f}")
-    return ", ".join(parts)
-
-
 def _comparisons_html(frame: pd.DataFrame, plan: ReportPlan, abbrev, notes=()) -> str:
     show = frame.copy()
     for c in ("delta", "ci_low", "ci_high", "t_low", "t_high", "two_level_low", "two_level_high"):
         show[c] = show[c] * 100
-    show["p_improvement"] = [_with_ci(v, lo, hi) for v, lo, hi in zip(
+    show["p_improvement"] = [value_with_ci(v, lo, hi) for v, lo, hi in zip(
         frame["p_improvement"], frame["p_improvement_low"], frame["p_improvement_high"])]
     show["a"] = show["a"].map(display)
     show["b"] = show["b"].map(display)
-    show["seed_deltas"] = show["seed_deltas"].map(_seed_deltas_points)
+    show["seed_deltas"] = show["seed_deltas"].map(seed_deltas_points)
     metric = abbrev(plan.metric)
     cols = {"family": "family", "dataset": "dataset", "ratio": "1/k", "a": "method",
             "b": "vs", "n_cases": "n images", "delta": f"Δ{metric} (pts)",
@@ -224,10 +213,6 @@ def _comparisons_html(frame: pd.DataFrame, plan: ReportPlan, abbrev, notes=()) -
             f"border-bottom:1px solid #ddd}}p,li{{font:13px sans-serif;max-width:60em}}</style>"
             f"</head><body><h2>Statistics: pairwise comparisons</h2>{intro}{styler.to_html()}"
             f"</body></html>")
-
-
-def _with_ci(value, low, high) -> str:
-    return "—" if pd.isna(value) else f"{value:.2f} [{low:.2f}, {high:.2f}]"
 
 
 def write_stats(results: Results, plan: ReportPlan, out_dir: Path, strict: bool = False) -> list[Path]:

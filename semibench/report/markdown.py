@@ -25,17 +25,16 @@ def _p(value) -> str:
     return "—" if pd.isna(value) else f"{value:.2g}"
 
 
-def _seed_deltas(text) -> str:
+def seed_deltas_points(text) -> str:
+    """'s0:+0.013474 s1:-0.002000' (fractions, as in the CSV) -> 's0 +1.35, s1 −0.20' (points)."""
     if not isinstance(text, str) or not text:
-        return "—"
+        return ""
     return ", ".join(f"{seed} {float(v) * 100:+.2f}" for seed, v in
                      (item.split(":") for item in text.split()))
 
 
-def _poi(row) -> str:
-    if pd.isna(row["p_improvement"]):
-        return "—"
-    return f"{row['p_improvement']:.2f} [{row['p_improvement_low']:.2f}, {row['p_improvement_high']:.2f}]"
+def value_with_ci(value, low, high) -> str:
+    return "—" if pd.isna(value) else f"{value:.2f} [{low:.2f}, {high:.2f}]"
 
 
 def _reason(note, dataset, ratio) -> str:
@@ -65,10 +64,11 @@ def _comparison_rows(group: pd.DataFrame, alpha: float) -> list[str]:
         if bool(r["significant"]) and holm != "—":
             holm = f"**{holm}**"
         holds = r["holds_over"] if isinstance(r["holds_over"], str) and r["holds_over"] else "—"
+        poi = value_with_ci(r["p_improvement"], r["p_improvement_low"], r["p_improvement_high"])
         lines.append(f"| {display(r['a'])} | {display(r['b'])} | {int(r['n_cases'])} | "
                      f"{_pts(r['delta'])} | {_ci(r['ci_low'], r['ci_high'])} | "
                      f"{_ci(r['two_level_low'], r['two_level_high'])} | {_p(r['p'])} | {holm} | "
-                     f"{_seed_deltas(r['seed_deltas'])} | {_poi(r)} | {_int(r['seeds_needed'])} | "
+                     f"{seed_deltas_points(r['seed_deltas']) or '—'} | {poi} | {_int(r['seeds_needed'])} | "
                      f"{holds} |")
     return lines
 
