@@ -167,6 +167,7 @@ def test_runs_table_lists_every_run_with_its_epoch_and_minutes(tmp_path):
     assert "Training time of these 9 runs: 7.5 h (450 min)." in md
     assert "cpu: test, 1 thread (8 runs); cpu: test, 2 threads (1 run)" in md
     assert "Weights: random-init." in md
+    assert "All " not in md  # one cell: its total is the total
     csv = (tmp_path / "out" / "tables" / "runs.csv").read_text().splitlines()
     assert csv[0] == ("dataset,method,ratio,seed,value,selected_epoch,unsup_start_epoch,train_minutes,"
                       "eval_seconds,device,threads,weights") and len(csv) == 10
@@ -197,3 +198,21 @@ def test_table1_metrics_adds_instance_metrics_in_the_order_given(tmp_path):
     head = next(line for line in (tmp_path / "out" / "tables" / "table1.md").read_text().splitlines()
                 if line.startswith("| method"))
     assert head == "| method | 1/32 DC | 1/32 JC | 1/32 ACC | 1/32 SP | 1/32 SE |"
+
+
+def test_runs_table_totals_over_cells_and_leaves_out_runs_outside_the_grid(tmp_path):
+    files = _runs(tmp_path / "runs") + [
+        write_run(tmp_path / "runs", "dsb2018", "fullsup", 1, seed, np.full(14, 0.9)) for seed in range(3)]
+    files.append(write_run(tmp_path / "runs", "dsb2018", "suponly", 32, 7, np.full(14, 0.5)))  # not configured
+    for f in files:
+        _record(f, epoch=1, minutes=6.0, threads=1)
+    CONFIG["grid"]["fullsup"] = True
+    try:
+        assert _report(tmp_path)[0] == 0
+    finally:
+        CONFIG["grid"]["fullsup"] = False
+    md = (tmp_path / "out" / "tables" / "runs.md").read_text()
+    assert "## dsb2018 1/32" in md and "## dsb2018 1/1" in md and "seed 7" not in md
+    # 9 runs at 1/32 and 3 FullSup runs, 6 minutes each: 54 + 18 = 72 min = 1.2 h
+    assert "Training time of these 3 runs: 0.3 h (18 min)." in md
+    assert "All 12 runs: 1.2 h of training (72 min)." in md

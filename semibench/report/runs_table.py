@@ -17,9 +17,11 @@ def runs_frame(results: Results, plan: ReportPlan) -> pd.DataFrame:
                           & (results.runs["metric"] == plan.metric)]
     value = {tuple(r[k] for k in RUN_KEYS): r["value"] for _, r in values.iterrows()}
     rank = {m: i for i, m in enumerate(order_methods(k[1] for k in results.run_dirs))}
+    # the runs the tables show: a run outside the configured grid is left out of both
+    keys = [k for k in results.run_dirs if plan.trained is None or k in plan.trained]
     rows = []
     # dataset, then the scarcest labels first (FullSup's 1/1 last), methods in the tables' order
-    for key in sorted(results.run_dirs, key=lambda k: (k[0], -k[2], rank[k[1]], k[3])):
+    for key in sorted(keys, key=lambda k: (k[0], -k[2], rank[k[1]], k[3])):
         selected = results.selected.get(key)
         rows.append(dict(zip(RUN_KEYS, key), value=value.get(key),
                          selected_epoch=selected[0] if selected else None,
@@ -71,4 +73,8 @@ def runs_markdown(frame: pd.DataFrame, plan: ReportPlan, abbrev) -> str:
         if len(total):
             out += ["", f"Training time of these {len(total)} runs: {total.sum() / 60:.1f} h "
                         f"({total.sum():.0f} min)."]
+    minutes = frame["train_minutes"].dropna()
+    if frame[["dataset", "ratio"]].drop_duplicates().shape[0] > 1 and len(minutes):
+        out += ["", f"All {len(minutes)} runs: {minutes.sum() / 60:.1f} h of training "
+                    f"({minutes.sum():.0f} min)."]
     return "\n".join(out) + "\n"
