@@ -1,30 +1,35 @@
 """The property a user relies on when they change the engine, a loss or a plugin: where one
 labeled image leaves room to win, FixMatch at its official defaults beats SupOnly on every seed.
 
-A small version of ``config/studies/positive-control.yaml`` (same regime: one labeled H&E image of
-a wide appearance spread, 1/512 of the training images; fewer images and seeds): SupOnly and
+``config/studies/positive-control.yaml``'s regime, read from it (one labeled H&E image of a wide
+appearance spread, 1/512 of the training images), on fewer seeds and methods: SupOnly and
 FixMatch are trained on seeds 0-2 and evaluated on the test images, and every seed's
 FixMatch − SupOnly test Dice must be positive. Setting FixMatch's unlabeled weight to 0 makes
 it fail (checked by hand: docs/results-positive-control.md). Minutes on a CPU: marked slow."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
 from semibench.cli import main as semibench_main
 
 pytestmark = pytest.mark.slow
 
 SEEDS = (0, 1, 2)
-REGIME = {
-    "device": "cpu",
-    "datasets": {"synthetic": {"count": 600, "size": 64, "nuclei": [20, 60], "radius": [3, 12],
-                               "styles": ["he"], "variation": 3}},
-    "train": {"backbone": "tiny", "weights": "none", "input_size": 64, "batch_labeled": 8,
-              "batch_unlabeled": 8, "lr": 3.0e-3, "epochs": 8, "iters_per_epoch": 40,
-              "unsup_start_epoch": 1, "ema_alpha": 0.99, "precision": "fp32", "eval_batch_size": 32},
-}
+STUDY = Path(__file__).resolve().parents[1] / "config" / "studies" / "positive-control.yaml"
+
+
+def _regime() -> dict:
+    """The study's data and training settings, read from its config (one regime, not two copies)."""
+    study = yaml.safe_load(STUDY.read_text())
+    return {"device": study["device"], "datasets": {"synthetic": study["datasets"]["synthetic"]},
+            "train": study["train"]}
+
+
+REGIME = _regime()
 
 
 def _test_dice(tmp_path, method: str, seed: int, extra: dict) -> float:
