@@ -8,6 +8,7 @@ from contextlib import redirect_stderr
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from semibench.cli import main
@@ -216,3 +217,41 @@ def test_runs_table_totals_over_cells_and_leaves_out_runs_outside_the_grid(tmp_p
     # 9 runs at 1/32 and 3 FullSup runs, 6 minutes each: 54 + 18 = 72 min = 1.2 h
     assert "Training time of these 3 runs: 0.3 h (18 min)." in md
     assert "All 12 runs: 1.2 h of training (72 min)." in md
+
+
+def test_paper_gains_hand_computed(tmp_path):
+    """tables/paper_gains: our gain over SupOnly (mean over the shared seeds) beside the paper's,
+    FullSup as the headroom, the order agreement over the methods both have."""
+    base = np.linspace(0.55, 0.81, 14)
+    for method, shift, seeds in (("suponly", 0.0, (0, 1, 2)), ("tcsmv2", 0.03, (0, 1, 2)),
+                                 ("cutmix", 0.02, (0, 1, 2)), ("cdcl", 0.01, (0, 1, 2)),
+                                 ("fixmatch", 0.05, (0,)), ("fullsup", 0.10, (0, 1, 2))):
+        for seed in seeds:
+            write_run(tmp_path / "runs", "dsb2018", method, 1 if method == "fullsup" else 32,
+                      seed, base + shift + 0.01 * seed)
+    cfg = {**CONFIG, "grid": dict(CONFIG["grid"], fullsup=True,
+                                  methods=["suponly", "meanteacher", "tcsmv2", "cutmix", "cdcl",
+                                           "fixmatch"])}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    for step in ("stats", "tables"):
+        assert main(["report", "--runs", str(tmp_path / "runs" / "**" / "metrics.json"), "--config",
+                     str(tmp_path / "cfg.json"), "--out", str(tmp_path / "out"), "--step", step]) == 0
+    md = (tmp_path / "out" / "tables" / "paper_gains.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]]
+            for line in md.splitlines() if line.startswith("| ") and not line.startswith("| method")}
+    # paper DSB (Table 1): SupOnly 83.93 / 86.10 / 87.38 at 1/32 / 1/16 / 1/8; TCSMv2 85.04 at
+    # 1/32 -> +1.11; CutMix 86.03 -> +2.10; CDCL 87.49 -> +3.56, 89.88 - 86.10 = +3.78 at 1/16;
+    # FullSup 90.46 - 83.93 = +6.53, - 86.10 = +4.36, - 87.38 = +3.08
+    assert rows["TCSMv2"] == ["+3.00", "+1.11", "+1.38", "+1.04"]
+    assert rows["CutMix"] == ["+2.00", "+2.10", "+1.60", "+0.94"]
+    assert rows["CDCL"] == ["+1.00", "+3.56", "+3.78", "+2.71"]
+    assert rows["FullSup"] == ["+10.00", "+6.53", "+4.36", "+3.08"]
+    # FixMatch: seed 0 only (its shift +5 on the same seed); no paper row
+    assert rows["FixMatch*"] == ["+5.00 (n=1)", "—", "—", "—"]
+    assert rows["MeanTeacher"] == ["—", "—", "—", "—"]  # configured, not run, not in the paper
+    # ours order TCSMv2 > CutMix > CDCL, the paper's the reverse: every pair discordant, τ = -1
+    assert "over the 3 methods both have (FullSup left out): Kendall's τ of the gains = -1.00; " \
+           "a gain above 0 for 3 of them here and 3 in the paper." in md
+    gains = pd.read_csv(tmp_path / "out" / "tables" / "paper_gains.csv")
+    fix = gains[(gains["method"] == "fixmatch") & (gains["source"] == "ours")].iloc[0]
+    assert fix["n_seeds"] == 1 and fix["baseline_value"] == pytest.approx(base.mean() * 100)

@@ -15,6 +15,7 @@ from semibench.layout import run_key
 from . import runlevel, stats, twolevel
 from .markdown import comparisons_markdown, seed_deltas_points, value_with_ci
 from .paper import load_paper_tables
+from .paper_gains import paper_gains, paper_gains_markdown
 from .plan import UPPER_BOUND, ReportPlan, display, plan_from_config, plan_from_runs
 from .read import Results, read_runs
 from .runs_table import runs_frame, runs_markdown
@@ -33,7 +34,8 @@ from .tables import (
 STATS_FILES = ["comparisons.csv", "comparisons.html", "comparisons.md", "friedman.csv",
                "pairwise.csv", "ranking.csv", "ranking_freq.csv", "cases.csv", "runlevel.csv"]
 TABLE_FILES = [f"{t}.{s}" for t in ("table1", "table2") for s in ("csv", "md", "tex", "html")] + \
-    ["paper_delta.csv", "paper_delta.md", "paper_delta.html", "runs.csv", "runs.md"]
+    ["paper_delta.csv", "paper_delta.md", "paper_delta.html", "paper_gains.csv", "paper_gains.md",
+     "runs.csv", "runs.md"]
 
 
 def load(metric_files, config: dict | None) -> tuple[Results, ReportPlan]:
@@ -286,6 +288,9 @@ def table_texts(results: Results, plan: ReportPlan, comparisons: pd.DataFrame | 
     show = delta.assign(method=delta["method"].map(display), metric=delta["metric"].map(results.abbrev))
     out["paper_delta.md"] = "# Paper delta\n\n" + intro + "\n\n" + (
         show.to_markdown(index=False, floatfmt=".2f") if not delta.empty else "") + "\n"
+    gains = paper_gains(results, plan, p1, p2)
+    out["paper_gains.csv"] = gains.to_csv(index=False, float_format="%.10g")
+    out["paper_gains.md"] = paper_gains_markdown(gains, plan, results.abbrev)
     out["paper_delta.html"] = (f"<html><head><meta charset='utf-8'></head><body><h2>Ours − paper"
                                f"</h2><p>{html.escape(intro)}</p>"
                                + (show.style.format(precision=2).hide(axis="index")
