@@ -42,7 +42,7 @@ class MeanTeacherHparams:
 class MeanTeacher(Method):
     display_name = "MeanTeacher"
     report_rank = 20
-    in_paper = True
+    in_paper = False  # the framework CDCL builds on, but no row of its Tables 1-2: no paper numbers
     colour = "#1f77b4"
     Hparams: ClassVar[type] = MeanTeacherHparams
     unlabeled_views: ClassVar[str | None] = "weak_strong"

@@ -182,9 +182,9 @@ class Method(nn.Module):
     # How the report shows the method (read from the class body without importing it, as
     # ``fixed_ratio``): its name in tables and figures (default: the registry name); its place,
     # rows sorted by rank then as given (the paper's rows 10-90, CDCL 90, later baselines 100+,
-    # FullSup last; the default sits just before CDCL); whether the CDCL paper has it (else the
-    # tables mark it "*": no paper numbers to compare with); a fixed colour (default: a shared
-    # palette's next).
+    # FullSup last; the default sits just before CDCL); whether the CDCL paper's Tables 1-2 have
+    # a row for it (else the tables mark it "*": no paper numbers to compare with); a fixed
+    # colour (default: a shared palette's next).
     display_name: ClassVar[str | None] = None
     report_rank: ClassVar[int] = 89
     in_paper: ClassVar[bool] = False

@@ -92,7 +92,7 @@ def test_missing_cells_are_marked_not_fatal(tmp_path):
     assert dice.loc[(8, "meanteacher"), "n_seeds"] == 0 and math.isnan(dice.loc[(8, "meanteacher"), "mean"])
     assert dice.loc[(8, "cdcl"), "n_seeds"] == 2
     md = (tmp_path / "tables" / "table1.md").read_text()
-    assert "| MeanTeacher | " in md and "—" in md and "(n=2)" in md
+    assert "| MeanTeacher* | " in md and "—" in md and "(n=2)" in md
     # the untested comparisons say why; cdcl 1/8 lacks seed 2, so suponly cannot be paired with it
     row = comps[(comps["a"] == "suponly") & (comps["b"] == "cdcl") & (comps["ratio"] == 8)].iloc[0]
     assert np.isnan(row["p"]) and "cdcl lacks seed 2: 14 image(s)" in row["note"]
@@ -177,7 +177,7 @@ def test_cli_partial_grid(runs, tmp_path, capsys):
     cfg.write_text(json.dumps(CONFIG))
     assert main(["report", "--runs", glob, "--config", str(cfg), "--out", str(out), "--step", "stats"]) == 0
     assert main(["report", "--runs", glob, "--config", str(cfg), "--out", str(out), "--step", "tables"]) == 0
-    assert "| MeanTeacher | " in (out / "tables" / "table1.md").read_text()
+    assert "| MeanTeacher* | " in (out / "tables" / "table1.md").read_text()
     assert "—" in (out / "tables" / "table1.md").read_text()
     # without a config: the tables follow the runs found
     assert main(["report", "--metrics", *map(str, partial), "--out", str(tmp_path / "o2"), "--step", "tables"]) == 0
@@ -214,7 +214,7 @@ def test_methods_beyond_the_paper_are_set_apart():
     assert order == ["suponly", "cutmix", "mine", "cdcl", "fixmatch", "unimatch", "fullsup"]
     assert (display("fixmatch"), display("unimatch"), display("cdcl")) == ("FixMatch*", "UniMatch*", "CDCL")
     note = beyond_paper_note(("suponly", "unimatch", "cdcl"))
-    assert note.startswith(" * Not in the CDCL paper: UniMatch, ") and "FixMatch" not in note
+    assert note.startswith(" * Not in the CDCL paper's tables: UniMatch, ") and "FixMatch" not in note
     assert beyond_paper_note(("suponly", "cdcl")) == ""
     from semibench.registry import METHODS
     colours = palette(METHODS.names())
@@ -237,7 +237,7 @@ def test_a_plugin_method_declares_how_the_report_shows_it():
         assert order_methods(["fixmatch", "_mine", "cdcl", "suponly"]) == ["suponly", "cdcl", "_mine", "fixmatch"]
         assert palette(["_mine", "cdcl"]) == {"_mine": "#123456", "cdcl": "#d62728"}
         assert beyond_paper_note(("suponly", "_mine", "unimatch")).startswith(
-            " * Not in the CDCL paper: Mine, UniMatch, on the same network")
+            " * Not in the CDCL paper's tables: Mine, UniMatch, on the same network")
 
 
 # ---------------------------------------------------------------- issue 22: trust in the report
@@ -297,7 +297,7 @@ def test_marks_in_both_directions_and_the_footnote(tmp_path):
     assert marks[(32, "cdcl")] == "§" and marks[(32, "suponly")] == "†¶"
     assert marks[(32, "meanteacher")] == "¶" and marks[(1, "fullsup")] == ""
     md = (tmp_path / "tables" / "table1.md").read_text()
-    assert "† / § DC significantly below / above MeanTeacher; ‡ / ¶ significantly above / below CDCL" in md
+    assert "† / § DC significantly below / above MeanTeacher*; ‡ / ¶ significantly above / below CDCL" in md
     assert "zsplit" not in md and "an image with no difference counting half to each side" in md
     tex = (tmp_path / "tables" / "table1.tex").read_text()
     assert r"$^{\S}$" in tex and r"$^{\dagger}$$^{\P}$" in tex
@@ -393,7 +393,7 @@ def test_footnote_names_runs_selected_before_the_unsupervised_start(tmp_path):
     md = (tmp_path / "tables" / "table1.md").read_text()
     assert ("Selected (best validation epoch) before the unsupervised losses start, so scored with "
             "a network that never trained on an unlabeled image: CDCL dsb2018 1/8 seed 2 (epoch 4, "
-            "start 5); CDCL dsb2018 1/32 seed 1 (epoch 0, start 2); MeanTeacher dsb2018 1/32 seed 1 "
+            "start 5); CDCL dsb2018 1/32 seed 1 (epoch 0, start 2); MeanTeacher* dsb2018 1/32 seed 1 "
             "(epoch 1, start 2).") in md
     assert "SupOnly dsb2018" not in md
     assert "seed 0 (epoch" not in md

@@ -64,7 +64,7 @@ def test_comparisons_markdown_hand_computed(tmp_path):
     # run means: SupOnly base+{0, .01, .02}, CDCL base+{.02, .03, .04}: of the 9 pairs CDCL wins
     # 8 and ties 1 (its seed 0 with SupOnly's seed 2), which counts 1/2: (8 + 0.5) / 9 = 0.94
     assert cells[9].startswith("0.94 [")
-    assert "- MeanTeacher vs SupOnly: no per-image results for meanteacher" in md
+    assert "- MeanTeacher* vs SupOnly: no per-image results for meanteacher" in md
     assert "| FixMatch* | SupOnly | 14 | +1.00 |" in md
     # every image ranks CDCL first, FixMatch second, SupOnly third
     assert "Friedman over 3 methods on the 42 of 42 (seed, image) pairs" in md
@@ -248,7 +248,7 @@ def test_paper_gains_hand_computed(tmp_path):
     assert rows["FullSup"] == ["+10.00", "+6.53", "+4.36", "+3.08"]
     # FixMatch: seed 0 only (its shift +5 on the same seed); no paper row
     assert rows["FixMatch*"] == ["+5.00 (n=1)", "—", "—", "—"]
-    assert rows["MeanTeacher"] == ["—", "—", "—", "—"]  # configured, not run, not in the paper
+    assert rows["MeanTeacher*"] == ["—", "—", "—", "—"]  # configured, not run, not in the paper
     # ours order TCSMv2 > CutMix > CDCL, the paper's the reverse: every pair discordant, τ = -1
     assert "over the 3 methods both have (FullSup left out): Kendall's τ of the gains = -1.00; " \
            "a gain above 0 for 3 of them here and 3 in the paper." in md

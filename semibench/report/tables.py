@@ -209,8 +209,9 @@ def beyond_paper_note(methods) -> str:
     shown = [display(m) for m in order_methods(methods) if beyond_paper(m)]
     if not shown:
         return ""
-    return (f" {BEYOND_MARK} Not in the CDCL paper: {', '.join(s.rstrip(BEYOND_MARK) for s in shown)}, "
-            f"on the same network, data, splits and engine (no paper numbers to compare with).")
+    names = ", ".join(s.rstrip(BEYOND_MARK) for s in shown)
+    return (f" {BEYOND_MARK} Not in the CDCL paper's tables: {names}, on the same network, data, "
+            f"splits and engine (no paper numbers to compare with).")
 
 
 def unlabeled_note(results: Results, datasets) -> str:
