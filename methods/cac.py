@@ -47,6 +47,12 @@ Decisions (where the paper and the official code leave a choice), with the reaso
   exact for a confident positive.
 - Optimiser: the engine's Adam with the run's lr and poly schedule (as every method; the
   official SGD with a 10× head lr is the VOC recipe).
+
+Measured (``docs/results-cpu-dsb.md``, "CAC at 1/128"; ``benchmarks/diagnose_cac.py``): with 4
+labeled images and a random-init network, λ = 0.1 sends the extractor a gradient 1.4-4.5× L_s's
+and orthogonal to it, and validation Dice falls where the term starts although the pseudo-labels
+are 77-90 % right; at λ = 0.01 the drop is gone. Under Adam, λ does not change the projector's
+steps (only this term trains it), only the pull on the shared extractor.
 """
 from __future__ import annotations
 
