@@ -284,8 +284,9 @@ def test_nan_tile_and_nan_metrics_json_give_notes_and_a_finished_report(tmp_path
     assert t1.loc[(8, "cdcl", "dice"), "n_seeds"] == 2 and t1.loc[(8, "cdcl", "jaccard"), "n_seeds"] == 3
     md = (tmp_path / "out/tables/table1.md").read_text()
     assert "(n=2)" in md and "Left out: dsb2018/cdcl/r8/seed2: metrics.json per_image_mean.dice is nan" in md
-    friedman = pd.read_csv(tmp_path / "out/stats/friedman.csv").set_index("ratio")
-    assert "NaN dice: meanteacher seed 1 img5" in friedman.loc[32, "note"]
+    friedman = pd.read_csv(tmp_path / "out/stats/friedman.csv").set_index(["ratio", "block"])
+    assert "NaN dice: meanteacher seed 1 img5" in friedman.loc[(32, "table1"), "note"]
+    assert pd.isna(friedman.loc[(32, "table2"), "note"])  # Table 2's rows have no NaN
 
 
 def test_marks_in_both_directions_and_the_footnote(tmp_path):
@@ -399,3 +400,33 @@ def test_footnote_names_runs_selected_before_the_unsupervised_start(tmp_path):
     assert "seed 0 (epoch" not in md
     _table(tmp_path / "plain", make_runs(tmp_path / "runs2"))
     assert "Selected (best" not in (tmp_path / "plain" / "tables" / "table1.md").read_text()
+
+
+def test_friedman_and_ranking_per_table_so_a_scheme_does_not_shrink_table1(tmp_path):
+    """Table 1's methods and Table 2's rows are ranked apart: Scheme 1 on seed 0 only leaves
+    Table 1's Friedman on every (seed, image) pair and joins only Table 2's (SupOnly, Scheme 1,
+    CDCL); FullSup, the upper bound, is in neither."""
+    files = make_runs(tmp_path / "runs", skip={("cdcl-scheme1", 32, 1), ("cdcl-scheme1", 32, 2)})
+    results, plan = build.load(files, CONFIG)
+    build.write_stats(results, plan, tmp_path / "stats")
+    fr = pd.read_csv(tmp_path / "stats" / "friedman.csv")
+    assert list(zip(fr["ratio"], fr["block"], fr["methods"])) == [
+        (32, "table1", "suponly meanteacher cdcl"), (32, "table2", "suponly cdcl-scheme1 cdcl"),
+        (8, "table1", "suponly meanteacher cdcl")]
+    t1, t2 = fr.iloc[0], fr.iloc[1]
+    assert t1["note"] != t1["note"]  # NaN: no pair left out
+    assert t2["note"].startswith("on the 14 of 42 (seed, image) pairs")
+    # shifts 0 / +0.02 / +0.06 against noise sd 0.004: every image ranks the three the same way
+    assert (t1["rank_cdcl"], t1["rank_meanteacher"], t1["rank_suponly"]) == (1.0, 2.0, 3.0)
+    assert t2["rank_cdcl"] == 1.0 and t2["rank_cdcl-scheme1"] < t2["rank_suponly"]
+    pw = pd.read_csv(tmp_path / "stats" / "pairwise.csv")
+    assert pw.groupby(["ratio", "block"]).size().to_dict() == {(8, "table1"): 3, (32, "table1"): 3,
+                                                              (32, "table2"): 3}
+    rk = pd.read_csv(tmp_path / "stats" / "ranking.csv")
+    assert sorted(rk[(rk["ratio"] == 32) & (rk["block"] == "table2")]["method"]) == \
+        ["cdcl", "cdcl-scheme1", "suponly"]
+    assert "fullsup" not in set(rk["method"]) and "fullsup" not in " ".join(fr["methods"])
+    md = (tmp_path / "stats" / "comparisons.md").read_text()
+    cell32 = md.split("## dsb2018 1/32")[1].split("## dsb2018 1/8")[0]
+    assert cell32.index("Table 1's methods, all at once") < cell32.index("Table 2's rows, all at once")
+    assert "Friedman over 3 methods on 14 images" in cell32  # Table 1: every pair

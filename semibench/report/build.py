@@ -54,12 +54,17 @@ def _cells(plan: ReportPlan) -> list[tuple]:
     return list(dict.fromkeys(cells))
 
 
-def _tested_methods(plan: ReportPlan, dataset: str, ratio: int) -> list[str]:
-    methods = [m for m in plan.grid.methods if m != UPPER_BOUND] \
-        if dataset in plan.grid.datasets and ratio in plan.grid.ratios else []
+def _blocks(plan: ReportPlan, dataset: str, ratio: int) -> list[tuple[str, list[str]]]:
+    """The all-methods-at-once views of a cell, one per table: Table 1's methods (FullSup, the
+    upper bound, left out) and Table 2's (baseline, schemes, reference). Each gets its own
+    Friedman test and ranking, so an ablation scheme neither joins the methods' ranking nor
+    shrinks its paired subset to the seeds the schemes have."""
+    blocks = []
+    if dataset in plan.grid.datasets and ratio in plan.grid.ratios:
+        blocks.append(("table1", [m for m in plan.grid.methods if m != UPPER_BOUND]))
     if plan.ablation is not None and dataset in plan.ablation.datasets and ratio in plan.ablation.ratios:
-        methods += [m for m in plan.ablation.methods if m not in methods]
-    return methods
+        blocks.append(("table2", list(plan.ablation.methods)))
+    return [(name, methods) for name, methods in blocks if methods]
 
 
 def compute_stats(results: Results, plan: ReportPlan, strict: bool = False) -> dict:
@@ -77,13 +82,16 @@ def compute_stats(results: Results, plan: ReportPlan, strict: bool = False) -> d
     parts: dict[str, list[pd.DataFrame]] = {"friedman": [], "pairwise": [], "ranking_freq": [],
                                             "ranking": []}
     for dataset, ratio in _cells(plan):
-        methods = _tested_methods(plan, dataset, ratio)
-        cell = [(dataset, ratio)]
-        omnibus, pairwise = stats.friedman(seed_level, cell, methods, higher_is_better, plan.options)
-        freq, summary = stats.ranking_stability(seed_level, cell, methods, higher_is_better,
-                                                plan.options)
-        for name, frame in zip(parts, (omnibus, pairwise, freq, summary)):
-            parts[name].append(frame)
+        for block, methods in _blocks(plan, dataset, ratio):
+            cell = [(dataset, ratio)]
+            omnibus, pairwise = stats.friedman(seed_level, cell, methods, higher_is_better,
+                                               plan.options)
+            freq, summary = stats.ranking_stability(seed_level, cell, methods, higher_is_better,
+                                                    plan.options)
+            for name, frame in zip(parts, (omnibus, pairwise, freq, summary)):
+                if not frame.empty:
+                    frame.insert(2, "block", block)  # after dataset, ratio
+                parts[name].append(frame)
 
     def concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
         kept = [f for f in frames if not f.empty]

@@ -17,7 +17,7 @@ import seaborn as sns  # noqa: E402
 
 from semibench.atomic import write_atomic
 
-from .plan import UPPER_BOUND, ReportPlan, display, method_facts, order_methods  # noqa: E402
+from .plan import BLOCK_TITLES, UPPER_BOUND, ReportPlan, display, method_facts, order_methods  # noqa: E402
 from .read import Results  # noqa: E402
 from .runlevel import AGG_REPS, POI_REPS  # noqa: E402
 from .seeding import seeded  # noqa: E402
@@ -216,7 +216,8 @@ def cd_diagram(results, plan, cases, stats_dir, cfg=None):
         ranks = {m: r[f"rank_{m}"] for m in methods}
         by_rank = sorted(methods, key=lambda m: ranks[m])
         k = len(methods)
-        pw = pairwise[(pairwise["dataset"] == r["dataset"]) & (pairwise["ratio"] == r["ratio"])]
+        pw = pairwise[(pairwise["dataset"] == r["dataset"]) & (pairwise["ratio"] == r["ratio"])
+                      & (pairwise["block"] == r["block"])]
         pvals = {frozenset((a, b)): (p if np.isfinite(p) else 1.0) for a, b, p in
                  zip(pw["a"], pw["b"], pw["p_holm"])}
         ax.set_xlim(k + 0.3, 0.7)  # rank 1 (best) on the right, as in Demsar's diagrams
@@ -241,7 +242,8 @@ def cd_diagram(results, plan, cases, stats_dir, cfg=None):
         p = r.get("p", np.nan)
         left = " (some pairs left out: friedman.csv note)" if isinstance(r.get("note"), str) \
             and r["note"].startswith("on the ") else ""
-        ax.set_title(f"{r['dataset']}, 1/{int(r['ratio'])}: mean rank over {int(r['n_cases'])} images"
+        ax.set_title(f"{r['dataset']}, 1/{int(r['ratio'])}, {BLOCK_TITLES.get(r['block'], r['block'])}: "
+                     f"mean rank over {int(r['n_cases'])} images"
                      f"{left} (Friedman p = {p:.2g}); bars join methods not different "
                      f"(Wilcoxon-Holm, α = {plan.options.alpha})", fontsize=9)
     fig.tight_layout()
@@ -254,11 +256,12 @@ def ranking_stability(results, plan, cases, stats_dir, cfg=None):
     summary = _read(stats_dir, "ranking.csv")
     if freq is None or freq.empty:
         return placeholder("no ranking bootstrap (needs two methods with per-image values)")
-    cells = list(dict.fromkeys(zip(freq["dataset"], freq["ratio"])))
+    cells = list(dict.fromkeys(zip(freq["dataset"], freq["ratio"], freq["block"])))
     fig, axes = _facets(len(cells), width=max(4.2, 0.55 * freq["method"].nunique() + 2))
-    for ax, (d, k) in zip(axes, cells):
-        part = freq[(freq["dataset"] == d) & (freq["ratio"] == k)]
-        summ = summary[(summary["dataset"] == d) & (summary["ratio"] == k)].set_index("method")
+    for ax, (d, k, block) in zip(axes, cells):
+        part = freq[(freq["dataset"] == d) & (freq["ratio"] == k) & (freq["block"] == block)]
+        summ = summary[(summary["dataset"] == d) & (summary["ratio"] == k)
+                       & (summary["block"] == block)].set_index("method")
         methods = sorted(summ.index, key=lambda m: summ.loc[m, "rank_full"])
         pal = palette(methods)
         for i, m in enumerate(methods):
@@ -272,7 +275,8 @@ def ranking_stability(results, plan, cases, stats_dir, cfg=None):
         ax.set_ylim(len(methods) + 0.6, 0.4)  # rank 1 on top
         ax.set_ylabel("rank (1 = best)")
         tau = summ["kendall_tau"].iloc[0]
-        ax.set_title(f"{d}, 1/{k}: Kendall τ = {tau:.2f}", fontsize=10)
+        ax.set_title(f"{d}, 1/{k}, {BLOCK_TITLES.get(block, block)}: Kendall τ = {tau:.2f}",
+                     fontsize=10)
         ax.grid(alpha=0.3, axis="y")
     n = int(summary["n_boot"].iloc[0])
     fig.suptitle(f"Ranking stability: {n} bootstrap resamples of the images (area = frequency, "
@@ -459,9 +463,15 @@ def _read(stats_dir, name):
     if path is None or not path.exists() or path.stat().st_size == 0:
         return None
     try:
-        return pd.read_csv(path)
+        frame = pd.read_csv(path)
     except pd.errors.EmptyDataError:
         return None
+    if name in BLOCKED and "block" not in frame.columns:  # written before the per-table views
+        frame.insert(2, "block", "table1")
+    return frame
+
+
+BLOCKED = ("friedman.csv", "pairwise.csv", "ranking.csv", "ranking_freq.csv")
 
 
 FIGURES = list(DRAW)

@@ -7,7 +7,7 @@ import re
 
 import pandas as pd
 
-from .plan import ReportPlan, display
+from .plan import BLOCK_TITLES, ReportPlan, display
 
 FAMILY_TITLES = {"vs_baseline": "against the baseline", "vs_reference": "against the reference",
                  "ablation": "ablation against the reference"}
@@ -96,6 +96,20 @@ def _ranking_line(group: pd.DataFrame) -> str:
             f"{group['kendall_tau'].iloc[0]:.3f}).")
 
 
+def _rows_of(frame: pd.DataFrame, dataset: str, ratio: int, block: str) -> pd.DataFrame:
+    if not len(frame):
+        return frame
+    return frame[(frame["dataset"] == dataset) & (frame["ratio"] == ratio)
+                 & (frame["block"] == block)]
+
+
+def _blocks(friedman: pd.DataFrame, ranking: pd.DataFrame, dataset: str, ratio: int) -> list[str]:
+    """The cell's all-at-once views (build._blocks), in the order computed."""
+    found = [f[(f["dataset"] == dataset) & (f["ratio"] == ratio)]["block"]
+             for f in (friedman, ranking) if len(f)]
+    return list(dict.fromkeys(b for col in found for b in col))
+
+
 def comparisons_markdown(frames: dict, plan: ReportPlan, abbrev) -> str:
     """Markdown of ``compute_stats``'s frames: per dataset and ratio, one table per family,
     the comparisons that could not be paired (with why), Friedman and the ranking's stability."""
@@ -124,12 +138,11 @@ def comparisons_markdown(frames: dict, plan: ReportPlan, abbrev) -> str:
                 out += ["", "Not tested:"] + [f"- {display(r['a'])} vs {display(r['b'])}: "
                                               f"{_reason(r['note'], dataset, ratio)}"
                                               for _, r in untested.iterrows()]
-        f_rows = friedman[(friedman["dataset"] == dataset) & (friedman["ratio"] == ratio)] \
-            if len(friedman) else friedman
-        for _, row in f_rows.iterrows():
-            out += ["", _friedman_line(row)]
-        r_rows = ranking[(ranking["dataset"] == dataset) & (ranking["ratio"] == ratio)] \
-            if len(ranking) else ranking
-        if len(r_rows):
-            out += ["", _ranking_line(r_rows)]
+        for block in _blocks(friedman, ranking, dataset, ratio):
+            f_rows = _rows_of(friedman, dataset, ratio, block)
+            r_rows = _rows_of(ranking, dataset, ratio, block)
+            lines = [_friedman_line(row) for _, row in f_rows.iterrows()]
+            lines += [_ranking_line(r_rows)] if len(r_rows) else []
+            out += ["", f"**{dataset} 1/{ratio}, {BLOCK_TITLES.get(block, block)}, all at once**"]
+            out += [line for text in lines for line in ("", text)]
     return "\n".join(out) + "\n"

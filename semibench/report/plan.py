@@ -13,6 +13,8 @@ from .stats import Family, StatOptions
 #: explained in the table footnote
 BEYOND_MARK = "*"
 UPPER_BOUND = "fullsup"  # never bold, never tested: it sees every label
+# the all-at-once views of a cell (Friedman, ranking), one per table: stats CSVs' ``block``
+BLOCK_TITLES = {"table1": "Table 1's methods", "table2": "Table 2's rows"}
 FAMILY_KINDS = ("vs_reference", "vs_baseline", "ablation")
 _UNKNOWN = {"display_name": None, "report_rank": METHOD_STATIC_ATTRS["report_rank"],
             "in_paper": True, "colour": None}
